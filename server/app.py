@@ -1,0 +1,141 @@
+"""``make_app`` and the server's life: build the parts, first refresh, listen, stop cleanly.
+
+:func:`serve` is the pipeline ``token_server.py`` runs:
+
+    Redis (embedded if no url) -> store -> upstream client -> refresher (first pass)
+    -> HTTP server listens -> refresh timer runs -> wait for SIGTERM/SIGINT
+    -> stop listening -> stop the timer -> finish in-flight requests and fetches
+    -> close Redis -> stop the embedded Redis
+
+Each part is built by a small function and passed to the next; nothing is global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import tornado.netutil
+import tornado.web
+from tornado.httpserver import HTTPServer
+
+from server.auth import Authenticator
+from server.config import Config
+from server.embedded_redis import EmbeddedRedis
+from server.handlers import (
+    ForceRefreshHandler,
+    HealthHandler,
+    NotFoundHandler,
+    StatusHandler,
+    TokenHandler,
+    log_request,
+)
+from server.refresher import Refresher
+from server.sources import Source
+from server.store import Store, build_redis
+from server.upstream import Upstream
+
+logger = logging.getLogger(__name__)
+
+
+def make_app(refresher: Refresher, auth: Authenticator) -> tornado.web.Application:
+    """The HTTP application over built parts (see handlers for each endpoint)."""
+    deps = {"refresher": refresher, "auth": auth}
+    return tornado.web.Application(
+        [
+            (r"/wechat/token", TokenHandler, deps),
+            (r"/wechat/token/forcerefresh", ForceRefreshHandler, deps),
+            (r"/healthz", HealthHandler, deps),
+            (r"/status", StatusHandler, deps),
+        ],
+        default_handler_class=NotFoundHandler,
+        default_handler_args=deps,
+        log_function=log_request,
+        compress_response=False,
+    )
+
+
+@dataclass
+class Running:
+    """The parts of a running server, in the order they are stopped."""
+
+    http: HTTPServer
+    refresher: Refresher
+    store: Store
+    upstream: Upstream
+    embedded: EmbeddedRedis | None
+    port: int
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def redis_url(cfg: Config) -> tuple[str | None, EmbeddedRedis | None]:
+    """The Redis URL to use, starting an embedded redis-server when none is configured."""
+    if cfg.redis.url is not None or cfg.redis.sentinel is not None:
+        return cfg.redis.url, None
+    embedded = EmbeddedRedis(cfg.redis.data_dir, cfg.redis.port)
+    url = embedded.start()
+    logger.info("embedded redis-server started: direct readers use %s (redis-cli -p %d GET access_token)", url, embedded.port)
+    return url, embedded
+
+
+async def start(cfg: Config) -> Running:
+    """Build every part, run the first refresh pass, then listen.  See the module docstring."""
+    url, embedded = redis_url(cfg)
+    store = Store(build_redis(cfg.redis, url), cfg.redis.prefix)
+    upstream = Upstream(cfg.refresh.timeout)
+    sources = {name: Source(src) for name, src in cfg.sources.items()}
+    refresher = Refresher(sources, store, upstream, cfg.refresh)
+    started = time.monotonic()
+    await refresher.start()
+    logger.info("first refresh pass done in %.2fs: %s", time.monotonic() - started, _summary(refresher))
+    http = HTTPServer(make_app(refresher, Authenticator(cfg)))
+    sockets = tornado.netutil.bind_sockets(cfg.server.port, cfg.server.host)
+    http.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    logger.info("listening on http://%s:%d", cfg.server.host, port)
+    return Running(http, refresher, store, upstream, embedded, port)
+
+
+def _summary(refresher: Refresher) -> str:
+    return ", ".join(f"{n}={s['state']}/{s['expires_in']}s" for n, s in refresher.status().items())
+
+
+async def stop(running: Running, timeout: float) -> None:
+    """Stop in reverse order; in-flight requests and fetches get ``timeout`` seconds."""
+    running.http.stop()  # no new connections
+    running.refresher.stop()  # no new ticks
+    try:
+        await asyncio.wait_for(running.http.close_all_connections(), timeout)
+    except asyncio.TimeoutError:
+        logger.warning("shutdown: requests still open after %.0fs; closing them", timeout)
+    await running.refresher.drain(timeout)
+    await running.store.close()
+    running.upstream.close()
+    if running.embedded is not None:
+        running.embedded.stop()
+    running.stopped.set()
+    logger.info("stopped")
+
+
+async def serve(cfg: Config, on_ready: Callable[[Running], Awaitable[None] | None] | None = None) -> int:
+    """Run until SIGTERM or SIGINT; returns the exit code."""
+    loop = asyncio.get_running_loop()
+    shutdown = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, shutdown.set)
+    running = await start(cfg)
+    try:
+        if on_ready is not None:
+            result = on_ready(running)
+            if result is not None:
+                await result
+        await shutdown.wait()
+        logger.info("shutdown requested")
+    finally:
+        await stop(running, cfg.server.shutdown_timeout)
+    return 0
+

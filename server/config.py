@@ -1,0 +1,412 @@
+"""The YAML configuration: every key declared once, with its type, default and help.
+
+Each section is a frozen dataclass.  A field's type is the schema, its default is the
+default, and ``metadata["help"]`` is the text shown in errors and in the README's
+reference.  :func:`load_config` reads a file, expands ``${ENV_VAR}`` (and
+``${ENV_VAR:-default}``) inside string values, converts every section against its
+dataclass and then checks the rules that span keys (dependencies between sources,
+placeholder secrets, refresh timings).  Any problem raises :class:`ConfigError` whose
+message is one line: ``the.key.path: what is wrong; what to do``.
+
+YAML only, loaded with ``yaml.safe_load``: the config never executes code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+import re
+import stat
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+#: ``<<name>>`` in an arg or json value is replaced by the current value of source ``name``.
+TEMPLATE_RE = re.compile(r"<<\s*([^<>\s]*)\s*>>")
+#: Source names become Redis keys and query values: keep them boring.
+SOURCE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+#: Request secrets that are obviously examples.  Compared case-insensitively.
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "change-me", "changeme", "change_me", "secret", "password", "passwd", "123456",
+        "12345678", "your-secret", "your_secret", "yoursecret", "xxx", "xxxx", "test",
+        "example", "token", "admin", "default", "replace-me", "todo",
+    }
+)
+MIN_SECRET_LENGTH = 16
+
+
+class ConfigError(Exception):
+    """A config problem, as one line naming the key and the fix."""
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:
+    """Declare a config key: its default (or ``factory`` for a mutable one) and its help."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = opt("127.0.0.1", "address the HTTP server binds; keep 127.0.0.1 behind nginx")
+    port: int = opt(12123, "TCP port of the HTTP server")
+    secret: str = opt("", "request secret clients present (at least 16 characters; use ${ENV_VAR})")
+    allow_ips: list[str] = opt(help="client IPs or CIDR ranges allowed to call (empty: any)", factory=list)
+    trusted_proxies: list[str] = opt(
+        help="peers (IPs/CIDRs) whose X-Real-IP / X-Forwarded-For are believed", factory=lambda: ["127.0.0.1", "::1"]
+    )
+    auth_failures_per_minute: int = opt(10, "failed authentications allowed per client IP per minute before 429")
+    forcerefresh_per_minute: int = opt(60, "forced refreshes allowed per client per minute before 429")
+    shutdown_timeout: float = opt(10.0, "seconds to let in-flight requests and fetches finish on SIGTERM")
+
+
+@dataclass(frozen=True)
+class SentinelConfig:
+    hosts: list[str] = opt(help='sentinels as "host:port"', factory=list)
+    service_name: str = opt("mymaster", "the monitored primary's name")
+    password: str | None = opt(None, "password of the Redis primary and replicas")
+    sentinel_password: str | None = opt(None, "password of the sentinels themselves")
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str | None = opt(None, "redis:// or rediss:// URL; leave out to start an embedded redis-server")
+    prefix: str = opt("", 'key prefix; "" keeps the plain keys access_token, ticket')
+    password: str | None = opt(None, "Redis password (or put it in the URL)")
+    data_dir: str = opt("./data", "embedded Redis: directory of its append-only file")
+    port: int = opt(0, "embedded Redis: port on 127.0.0.1 (0 picks a free one)")
+    socket_timeout: float = opt(2.0, "seconds before a Redis command counts as failed")
+    sentinel: SentinelConfig | None = opt(None, "use Redis Sentinel instead of url")
+
+
+@dataclass(frozen=True)
+class RefreshConfig:
+    interval: float = opt(60.0, "seconds between refresher ticks")
+    ahead: float = opt(600.0, "refresh a value when fewer than this many seconds of life remain")
+    max_ttl: float = opt(7000.0, "never keep a value longer than this many seconds, whatever expires_in says")
+    timeout: float = opt(10.0, "seconds for one upstream request")
+    force_min_interval: float = opt(30.0, "seconds after a fetch during which a forced refresh returns that value")
+    backoff_max: float = opt(300.0, "seconds: cap of the exponential backoff after failed fetches")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    url: str = opt(help="upstream URL, http:// or https://")
+    method: str = opt("GET", "GET sends args as the query; POST sends json as the body")
+    args: dict[str, Any] = opt(help="query arguments; <<name>> is replaced by source name's value", factory=dict)
+    json: dict[str, Any] | None = opt(None, "POST body, templated like args")
+    field: str | None = opt(None, "response field holding the value (default: access_token if present, else ticket)")
+    force: dict[str, Any] = opt(help="merged into args/json on a forced refresh, e.g. {force_refresh: true}", factory=dict)
+    name: str = opt("", "set from the mapping key")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    name: str = opt(help="client name shown in logs")
+    secret: str = opt(help="this client's request secret (at least 16 characters)")
+    sources: list[str] = opt(help="sources this client may read and force-refresh", factory=list)
+
+
+@dataclass(frozen=True)
+class JwtConfig:
+    keys: dict[str, str] = opt(help="HS256 keys by kid", factory=dict)
+    audience: str = opt("wechat-token-server", "required aud claim")
+    leeway: float = opt(30.0, "seconds of clock skew tolerated on exp/nbf")
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = opt(help="HTTP server", factory=ServerConfig)
+    redis: RedisConfig = opt(help="Redis connection", factory=RedisConfig)
+    refresh: RefreshConfig = opt(help="refresher timing", factory=RefreshConfig)
+    sources: dict[str, SourceConfig] = opt(help="credential sources, fetched in dependency order", factory=dict)
+    clients: list[ClientConfig] = opt(help="named clients with their own secrets and sources", factory=list)
+    jwt: JwtConfig | None = opt(None, "accept HS256 JWTs as Authorization: Bearer")
+
+
+# --- conversion against the dataclasses ---------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return "a list"
+    if origin is dict or dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it converted."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: must be a mapping")
+        return _build(tp, value, path)  # type: ignore[arg-type]
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: must be a list, e.g. [a, b]")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: must be a mapping, e.g. {{key: value}}")
+        _, item = typing.get_args(tp)
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{path}: key {k!r} must be a string")
+            out[k] = _convert(item, v, f"{path}.{k}")
+        return out
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    shown = "a string" if isinstance(value, str) else repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    raise ConfigError(f"{path}: must be {_type_name(tp)}, got {shown}")
+
+
+def _build(cls: type, raw: Mapping[str, Any], path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields or key == "name" and cls is SourceConfig:
+            known = ", ".join(n for n in fields if not (n == "name" and cls is SourceConfig))
+            raise ConfigError(f"{_join(path, str(key))}: unknown key (known keys: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _convert(hints[name], raw[name], _join(path, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_join(path, name)}: missing; {f.metadata.get('help', '')}")
+    return cls(**kwargs)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# --- ${ENV} expansion ----------------------------------------------------------------------
+
+_MARK_RE = re.compile(r"__tsenv(\d+)__")
+
+
+def _mark_env(text: str) -> tuple[str, list[tuple[str, str | None]]]:
+    """Swap every ``${NAME}`` / ``${NAME:-default}`` for an inert ``__tsenvN__`` marker.
+
+    Done before parsing so ``{secret: ${WECHAT_APPSECRET}}`` is valid YAML in a flow
+    mapping; the values go in after parsing (:func:`_expand`), so a secret containing
+    YAML syntax can never change the structure of the file.
+    """
+    refs: list[tuple[str, str | None]] = []
+
+    def mark(m: re.Match[str]) -> str:
+        refs.append((m.group(1), m.group(2)))
+        return f"__tsenv{len(refs) - 1}__"
+
+    return _ENV_RE.sub(mark, text), refs
+
+
+def _expand(value: Any, refs: list[tuple[str, str | None]], env: Mapping[str, str], path: str = "") -> Any:
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = refs[int(m.group(1))]
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path}: environment variable {name} is not set; export it or write ${{{name}:-default}}")
+
+        return _MARK_RE.sub(sub, value)
+    if isinstance(value, Mapping):
+        return {k: _expand(v, refs, env, _join(path, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, refs, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+# --- rules that span keys ------------------------------------------------------------------
+
+
+def template_names(value: Any) -> list[str]:
+    """Every ``<<name>>`` referenced in a (nested) arg or json value, in order."""
+    if isinstance(value, str):
+        return TEMPLATE_RE.findall(value)
+    if isinstance(value, Mapping):
+        return [n for v in value.values() for n in template_names(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in template_names(v)]
+    return []
+
+
+def dependency_order(sources: Mapping[str, SourceConfig]) -> list[str]:
+    """Source names so that each comes after the sources its templates name.
+
+    Raises ConfigError for a name that is no source and for a cycle.
+    """
+    deps: dict[str, list[str]] = {}
+    for name, src in sources.items():
+        deps[name] = []
+        for part in ("args", "json", "force"):
+            for ref in template_names(getattr(src, part)):
+                if ref not in sources:
+                    raise ConfigError(
+                        f"sources.{name}.{part}: <<{ref}>> names no source (known: {', '.join(sources)})"
+                    )
+                if ref not in deps[name]:
+                    deps[name].append(ref)
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            cycle = trail[trail.index(name):] + [name]
+            raise ConfigError(f"sources.{cycle[0]}: dependency cycle {' -> '.join(cycle)}; remove one <<name>>")
+        state[name] = "visiting"
+        for dep in deps[name]:
+            visit(dep, trail + [name])
+        state[name] = "done"
+        order.append(name)
+
+    for name in sources:
+        visit(name, [])
+    return order
+
+
+def check_secret(path: str, secret: str) -> None:
+    if not secret:
+        raise ConfigError(f"{path}: empty; set a random secret of at least {MIN_SECRET_LENGTH} characters, e.g. ${{TOKEN_SERVER_SECRET}}")
+    if secret.strip().lower() in PLACEHOLDER_SECRETS or re.search(r"change.?me|your.?secret", secret, re.I):
+        raise ConfigError(f"{path}: is a placeholder; generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"{path}: shorter than {MIN_SECRET_LENGTH} characters; use a longer random secret")
+
+
+def _check_networks(path: str, values: list[str]) -> None:
+    for i, v in enumerate(values):
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            raise ConfigError(f"{path}[{i}]: {v!r} is not an IP address or CIDR range (e.g. 10.0.0.0/8)") from None
+
+
+def validate(cfg: Config) -> Config:
+    """Check the rules that span keys; return the config with sources in dependency order."""
+    check_secret("server.secret", cfg.server.secret)
+    if not 0 < cfg.server.port < 65536:
+        raise ConfigError("server.port: must be between 1 and 65535")
+    _check_networks("server.allow_ips", cfg.server.allow_ips)
+    _check_networks("server.trusted_proxies", cfg.server.trusted_proxies)
+    r = cfg.refresh
+    for key in ("interval", "ahead", "max_ttl", "timeout"):
+        if getattr(r, key) <= 0:
+            raise ConfigError(f"refresh.{key}: must be a positive number of seconds")
+    if r.ahead <= r.interval:
+        raise ConfigError(
+            f"refresh.ahead: {r.ahead:g} must be greater than refresh.interval ({r.interval:g}), "
+            "or a value can expire between two ticks"
+        )
+    if r.ahead >= r.max_ttl:
+        raise ConfigError(f"refresh.ahead: {r.ahead:g} must be less than refresh.max_ttl ({r.max_ttl:g})")
+    if cfg.redis.url is not None and cfg.redis.sentinel is not None:
+        raise ConfigError("redis.sentinel: give either redis.url or redis.sentinel, not both")
+    if cfg.redis.url is not None and not re.match(r"^(redis|rediss|unix)://", cfg.redis.url):
+        raise ConfigError("redis.url: must start with redis://, rediss:// or unix://")
+    if cfg.redis.sentinel is not None:
+        if not cfg.redis.sentinel.hosts:
+            raise ConfigError('redis.sentinel.hosts: list at least one "host:port"')
+        for i, h in enumerate(cfg.redis.sentinel.hosts):
+            if not re.match(r"^[^:\s]+:\d+$", h):
+                raise ConfigError(f'redis.sentinel.hosts[{i}]: {h!r} must be "host:port"')
+    if not cfg.sources:
+        raise ConfigError("sources: declare at least one source (e.g. access_token)")
+    named = {}
+    for name, src in cfg.sources.items():
+        if not SOURCE_NAME_RE.match(name):
+            raise ConfigError(f"sources.{name}: a name is letters, digits, _ . - (at most 64), starting with a letter")
+        if not re.match(r"^https?://[^\s/]+", src.url):
+            raise ConfigError(f"sources.{name}.url: must be an http:// or https:// URL")
+        method = src.method.upper()
+        if method not in ("GET", "POST"):
+            raise ConfigError(f"sources.{name}.method: must be GET or POST")
+        if src.json is not None and method != "POST":
+            raise ConfigError(f"sources.{name}.json: a body needs method: POST")
+        named[name] = dataclasses.replace(src, name=name, method=method)
+    order = dependency_order(named)
+    seen = set()
+    for i, client in enumerate(cfg.clients):
+        path = f"clients[{i}]"
+        if not client.name or client.name in seen:
+            raise ConfigError(f"{path}.name: give each client a unique name")
+        seen.add(client.name)
+        check_secret(f"{path}.secret", client.secret)
+        for s in client.sources:
+            if s not in named:
+                raise ConfigError(f"{path}.sources: {s!r} is no source (known: {', '.join(named)})")
+    if cfg.jwt is not None:
+        if not cfg.jwt.keys:
+            raise ConfigError("jwt.keys: give at least one kid: key, or remove jwt")
+        for kid, key in cfg.jwt.keys.items():
+            if len(key) < 32:
+                raise ConfigError(f"jwt.keys.{kid}: an HS256 key needs at least 32 characters")
+    return dataclasses.replace(cfg, sources={n: named[n] for n in order})
+
+
+def parse_config(text: str, env: Mapping[str, str], source: str = "config") -> Config:
+    """Build a validated Config from YAML text, expanding ``${ENV}`` from ``env``."""
+    marked, refs = _mark_env(text)
+    try:
+        raw = yaml.safe_load(marked)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}:{where} is not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: the config must be a YAML mapping of sections (server, redis, refresh, sources)")
+    cfg = _build(Config, _expand(raw, refs, env), "")
+    return validate(typing.cast(Config, cfg))
+
+
+def load_config(path: str, env: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and validate the YAML file at ``path``.
+
+    Raises ConfigError (one line) for a missing file, bad YAML or a bad key.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        mode = os.stat(path).st_mode
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(f"{path}: cannot read the config file ({why}); pass --config PATH") from None
+    cfg = parse_config(text, os.environ if env is None else env, path)
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        logger.warning("config %s is readable by other users and names secrets; run: chmod 600 %s", path, path)
+    return cfg

@@ -1,0 +1,401 @@
+"""The scheduler: refresh each source ahead of expiry, once, whatever the crowd does.
+
+Three layers keep upstream calls to one per rotation:
+
+1. Single flight in the process: every reason to fetch a source (a tick, a forced
+   refresh, a dependent source) joins the one flight already running for it.
+2. A Redis lock across processes (``Store.acquire``): the loser waits for the winner's
+   value instead of calling upstream.  Under the lock the holder reads Redis again and
+   skips the call when someone refreshed meanwhile.
+3. Fencing on write (``Store.write``): a slow fetch never overwrites a newer value.
+
+Failures never store anything.  Transient ones back off exponentially with jitter
+(capped at ``refresh.backoff_max``) while the old value is served until it really
+expires; fatal ones (bad secret, IP not whitelisted...) block the source until an
+operator forces a refresh or restarts; 45009 (daily quota) stops calls until the quota
+resets at midnight China time.
+
+When Redis is unreachable the refresher keeps values fresh in memory, and puts them back
+(``Store.restore``) when Redis returns empty, without an upstream call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+from tornado.ioloop import IOLoop, PeriodicCallback
+
+from server.config import RefreshConfig
+from server.sources import Source
+from server.store import Entry, Snapshot, Store
+from server.upstream import ErrorKind, Upstream, UpstreamError
+
+logger = logging.getLogger(__name__)
+
+_CHINA = datetime.timezone(datetime.timedelta(hours=8))
+BACKOFF_BASE = 1.0  # seconds before the first retry (before jitter)
+
+
+def next_quota_reset(now: float) -> float:
+    """Unix time of the next midnight in China (UTC+8), when WeChat's daily quotas reset."""
+    day = datetime.datetime.fromtimestamp(now, _CHINA).date() + datetime.timedelta(days=1)
+    return datetime.datetime.combine(day, datetime.time(0), _CHINA).timestamp()
+
+
+class Unavailable(Exception):
+    """No valid value can be had now; ``str()`` is the short reason shown to clients."""
+
+
+@dataclass
+class SourceState:
+    """What this process knows about one source.  Times are unix seconds."""
+
+    entry: Entry | None = None
+    failures: int = 0
+    retry_at: float = 0.0  # no tick fetches before this (backoff)
+    blocked: UpstreamError | None = None  # fatal error: no fetch until forced
+    quota_until: float = 0.0  # 45009: no fetch before this unless forced
+    last_error: str = ""
+    upstream_calls: int = 0
+    flight: asyncio.Future[Entry] | None = None
+    retry_handle: object | None = None
+
+
+class Refresher:
+    """Owns the refresh timer and every upstream call.  See the module docstring."""
+
+    def __init__(
+        self,
+        sources: Mapping[str, Source],
+        store: Store,
+        upstream: Upstream,
+        cfg: RefreshConfig,
+    ) -> None:
+        self.sources = dict(sources)  # in dependency order
+        self.store = store
+        self.upstream = upstream
+        self.cfg = cfg
+        self.states = {name: SourceState() for name in self.sources}
+        self._timer: PeriodicCallback | None = None
+        self._redis_down_logged = False
+        #: a lock outlives every call a flight makes: a dependency's plus two of its own
+        self.lock_lease = 3 * cfg.timeout + 5
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Run the first pass now (a PeriodicCallback's first tick comes one period late)."""
+        await self.refresh_due()
+        self._timer = PeriodicCallback(self._tick, self.cfg.interval * 1000)
+        self._timer.start()
+
+    def stop(self) -> None:
+        """Stop the timer and pending retries; in-flight fetches go on (see drain)."""
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        for state in self.states.values():
+            if state.retry_handle is not None:
+                IOLoop.current().remove_timeout(state.retry_handle)
+                state.retry_handle = None
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for in-flight fetches, then cancel them.
+
+        Cancelled flights still release their Redis locks (``finally`` in _fly).
+        """
+        flights = [s.flight for s in self.states.values() if s.flight is not None and not s.flight.done()]
+        if not flights:
+            return
+        done, pending = await asyncio.wait(flights, timeout=timeout)
+        for f in pending:
+            f.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=2)
+
+    def _tick(self) -> None:
+        asyncio.ensure_future(self.refresh_due())
+
+    async def refresh_due(self) -> None:
+        """One pass: sync every source with Redis and fetch those that need it."""
+        for name in self.sources:
+            state = self.states[name]
+            now = time.time()
+            if state.blocked is not None or now < state.quota_until or now < state.retry_at:
+                await self._sync(name)
+                continue
+            try:
+                await self.refresh(name)
+            except (UpstreamError, Unavailable):
+                pass  # logged and scheduled by _fly
+
+    # --- reading -------------------------------------------------------------------------
+
+    async def current(self, name: str) -> Entry:
+        """The valid value to serve now: Redis's, or memory's while Redis is down.
+
+        Raises Unavailable when there is none.  Never calls upstream.
+        """
+        state = self.states[name]
+        snap = await self._read(name)
+        entry = snap.entry if snap is not None and snap.entry is not None else state.entry
+        if entry is None or entry.remaining() <= 0:
+            raise Unavailable(self._why_unavailable(name))
+        return entry
+
+    def _why_unavailable(self, name: str) -> str:
+        state = self.states[name]
+        if state.blocked is not None:
+            return f"source {name} is blocked after errcode {state.blocked.errcode}; see the server log"
+        if time.time() < state.quota_until:
+            return f"source {name}: daily quota reached (45009)"
+        return f"source {name} has no valid value; upstream is failing"
+
+    async def _read(self, name: str) -> Snapshot | None:
+        """Redis's snapshot, adopted into memory; None when Redis is unreachable."""
+        try:
+            snap = await self.store.read(name)
+        except RedisError as e:
+            if not self._redis_down_logged:
+                logger.error("redis unreachable (%s): serving values held in memory", type(e).__name__)
+                self._redis_down_logged = True
+            return None
+        if self._redis_down_logged:
+            logger.warning("redis reachable again")
+            self._redis_down_logged = False
+        if snap.entry is not None:
+            self.states[name].entry = snap.entry
+        return snap
+
+    async def _sync(self, name: str) -> Snapshot | None:
+        """Adopt what Redis holds, or put back our valid value when Redis lost it."""
+        snap = await self._read(name)
+        entry = self.states[name].entry
+        if snap is not None and snap.entry is None and entry is not None and entry.remaining() > 1:
+            try:
+                if await self.store.restore(name, entry):
+                    logger.warning("source %s: redis had lost the value; restored it from memory", name)
+                    return await self._read(name)
+            except RedisError:
+                return None
+        return snap
+
+    # --- refreshing ----------------------------------------------------------------------
+
+    def _needed(self, entry: Entry | None, force: bool, old: str | None, min_interval: bool) -> bool:
+        """Whether a fetch is needed, given the freshest entry known."""
+        if entry is None or entry.remaining() <= 0:
+            return True
+        if not force:
+            return entry.remaining() < self.cfg.ahead
+        if old is not None and old != entry.value:
+            return False  # someone already rotated it: the caller gets the new one
+        if min_interval and time.time() - entry.fetched_at < self.cfg.force_min_interval:
+            return False
+        return True
+
+    async def refresh(self, name: str, *, force: bool = False, old: str | None = None, min_interval: bool = True) -> Entry:
+        """A valid value of ``name``, fetched now if needed (or if ``force``).
+
+        ``old``: the value the caller holds; when it is no longer current nothing is
+        fetched.  ``min_interval``: a forced refresh within ``refresh.force_min_interval``
+        of the last fetch returns that fetch.  Raises UpstreamError or Unavailable.
+        """
+        state = self.states[name]
+        if force:
+            state.blocked = None  # an operator's forced refresh tries a blocked source again
+            state.quota_until = 0.0
+        for _ in range(3):
+            flight = state.flight
+            if flight is None:
+                flight = asyncio.ensure_future(self._fly(name, force, old, min_interval))
+                state.flight = flight
+                flight.add_done_callback(lambda f, s=state: setattr(s, "flight", None) if s.flight is f else None)
+                return await asyncio.shield(flight)
+            entry = await asyncio.shield(flight)
+            if not self._needed(entry, force, old, min_interval):
+                return entry
+        return entry
+
+    async def _fly(self, name: str, force: bool, old: str | None, min_interval: bool) -> Entry:
+        state = self.states[name]
+        started = time.monotonic()
+        try:
+            entry = await self._refresh_locked(name, force, old, min_interval)
+        except (UpstreamError, Unavailable) as e:
+            self._failed(name, e, time.monotonic() - started)
+            raise
+        if state.failures or state.blocked:
+            logger.info("source %s: recovered after %d failed attempts", name, state.failures)
+        state.failures, state.retry_at, state.blocked, state.last_error = 0, 0.0, None, ""
+        return entry
+
+    async def _refresh_locked(self, name: str, force: bool, old: str | None, min_interval: bool) -> Entry:
+        state = self.states[name]
+        snap = await self._sync(name)
+        if not self._needed(state.entry, force, old, min_interval):
+            assert state.entry is not None
+            return state.entry
+        if snap is None:
+            # Redis is down: no lock to take.  Keep the value fresh in memory; the next
+            # sync puts it back into Redis.
+            return await self._fetch_and_store(name, force, read_version=None)
+        deadline = time.monotonic() + self.lock_lease + self.cfg.timeout
+        while True:
+            token = await self.store.acquire(name, self.lock_lease)
+            if token is not None:
+                break
+            entry = await self._wait_for_other(name, snap.version, deadline)
+            if not self._needed(entry, force, old, min_interval):
+                assert entry is not None
+                return entry
+            if time.monotonic() > deadline:
+                raise Unavailable(f"source {name}: another instance holds the refresh lock")
+        try:
+            snap = await self.store.read(name)  # under the lock: did someone refresh meanwhile?
+            if snap.entry is not None:
+                state.entry = snap.entry
+            if not self._needed(state.entry, force, old, min_interval):
+                assert state.entry is not None
+                return state.entry
+            return await self._fetch_and_store(name, force, snap.version)
+        finally:
+            try:
+                await asyncio.shield(self.store.release(name, token))
+            except RedisError:
+                pass  # the lease expires by itself
+
+    async def _wait_for_other(self, name: str, version: int, deadline: float) -> Entry | None:
+        """Poll while another process holds the lock; its new value, or None if it gave up."""
+        delay = 0.05
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            snap = await self.store.read(name)
+            if snap.version != version and snap.entry is not None:
+                self.states[name].entry = snap.entry
+                return snap.entry
+            if not await self.store.locked(name):
+                snap = await self.store.read(name)
+                if snap.version != version and snap.entry is not None:
+                    self.states[name].entry = snap.entry
+                    return snap.entry
+                # The holder released without a new value: its fetch failed.  Do not
+                # follow with a call of our own (a crowd would); back off like it did.
+                raise UpstreamError(ErrorKind.TRANSIENT, "the instance holding the refresh lock failed to fetch")
+        return None
+
+    async def _fetch_and_store(self, name: str, force: bool, read_version: int | None) -> Entry:
+        fetched_at = time.time()
+        fetched = await self._call_upstream(name, force)
+        life = min(fetched.expires_in, self.cfg.max_ttl)
+        state = self.states[name]
+        memory = Entry(fetched.value, fetched_at + life, fetched_at, (state.entry.version if state.entry else 0), fetched.field)
+        if read_version is None:
+            state.entry = memory
+            return memory
+        try:
+            stored = await self.store.write(name, fetched.value, life, fetched_at, fetched.field, read_version)
+        except RedisError:
+            state.entry = memory  # put back by a later sync
+            return memory
+        if stored is None:
+            # Fenced out: another process stored a newer value while we fetched.
+            logger.warning("source %s: a newer value was stored meanwhile; discarding ours", name)
+            snap = await self.store.read(name)
+            if snap.entry is not None:
+                state.entry = snap.entry
+                return snap.entry
+            state.entry = memory
+            return memory
+        state.entry = stored
+        logger.info("source %s: new value %s... stored, life %.0fs", name, stored.value[:6], life)
+        return stored
+
+    async def _call_upstream(self, name: str, force: bool) -> Any:
+        """One upstream call with dependencies filled in; on a stale dependency, one retry."""
+        source = self.sources[name]
+        values: dict[str, str] = {}
+        for dep in source.deps:
+            values[dep] = (await self.refresh(dep)).value
+        state = self.states[name]
+        try:
+            state.upstream_calls += 1
+            return await self.upstream.fetch(source, source.build_request(values, force))
+        except UpstreamError as e:
+            if e.kind is not ErrorKind.STALE_TOKEN:
+                raise
+            logger.warning("source %s: errcode %s with the current %s; refreshing it once", name, e.errcode, "/".join(source.deps))
+            # Refresh each dependency only if the value we used is still current: when
+            # someone else already rotated it, we simply take the new one.
+            for dep in source.deps:
+                values[dep] = (await self.refresh(dep, force=True, old=values[dep], min_interval=False)).value
+            state.upstream_calls += 1
+            return await self.upstream.fetch(source, source.build_request(values, force))
+
+    def _failed(self, name: str, err: Exception, elapsed: float) -> None:
+        state = self.states[name]
+        state.failures += 1
+        state.last_error = str(err)
+        now = time.time()
+        if isinstance(err, UpstreamError) and err.kind is ErrorKind.FATAL:
+            state.blocked = err
+            ip = f"; WeChat saw our IP as {err.ip}: add it to the account's IP whitelist" if err.ip else ""
+            logger.error(
+                "source %s: BLOCKED after errcode %s (%s)%s; no more calls until a forced refresh or restart",
+                name, err.errcode, err.errmsg, ip,
+            )
+            return
+        if isinstance(err, UpstreamError) and err.kind is ErrorKind.QUOTA:
+            state.quota_until = next_quota_reset(now)
+            logger.error(
+                "source %s: daily quota reached (errcode 45009: %s); no calls until %s (or a forced refresh)",
+                name, err.errmsg, datetime.datetime.fromtimestamp(state.quota_until, _CHINA).isoformat(),
+            )
+            return
+        cap = min(self.cfg.backoff_max, BACKOFF_BASE * 2 ** (state.failures - 1))
+        delay = max(random.uniform(cap / 2, cap), getattr(err, "retry_after", 0.0))
+        state.retry_at = now + delay
+        entry = state.entry
+        serving = f"serving the old value ({entry.remaining():.0f}s left)" if entry and entry.remaining() > 0 else "no valid value"
+        logger.warning(
+            "source %s: fetch failed after %.2fs (attempt %d): %s; %s; retry in %.1fs",
+            name, elapsed, state.failures, err, serving, delay,
+        )
+        if state.retry_handle is not None:
+            IOLoop.current().remove_timeout(state.retry_handle)
+        state.retry_handle = IOLoop.current().call_later(delay, self._retry, name)
+
+    def _retry(self, name: str) -> None:
+        self.states[name].retry_handle = None
+        if self._timer is not None:  # not after stop()
+            asyncio.ensure_future(self._retry_one(name))
+
+    async def _retry_one(self, name: str) -> None:
+        try:
+            await self.refresh(name)
+        except (UpstreamError, Unavailable):
+            pass
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per source: state, seconds left, failures, last error (no values): for /status."""
+        out = {}
+        now = time.time()
+        for name, s in self.states.items():
+            st = "blocked" if s.blocked else "quota" if now < s.quota_until else "backoff" if s.failures else "ok"
+            out[name] = {
+                "state": st,
+                "expires_in": int(s.entry.remaining(now)) if s.entry and s.entry.remaining(now) > 0 else 0,
+                "failures": s.failures,
+                "last_error": s.last_error,
+                "upstream_calls": s.upstream_calls,
+            }
+        return out

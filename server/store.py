@@ -1,0 +1,219 @@
+"""Redis: the plain value keys direct readers use, plus metadata, locks and fencing.
+
+Layout for a source ``NAME`` under the configured ``prefix`` (source names cannot contain
+``:``, so these never collide):
+
+``<prefix>NAME``
+    The bare value (``redis-cli GET access_token``) with a TTL equal to its remaining
+    life, so a direct reader never sees an expired value.
+``<prefix>NAME:meta``
+    A hash: ``version`` (integer, +1 per write), ``fetched_at`` and ``expires_at`` (unix
+    seconds), ``field`` (``access_token`` or ``ticket``: the name our API answers with).
+    No TTL: the version must outlive the value so fencing still works after expiry.
+``<prefix>NAME:lock``
+    ``SET NX PX`` lock a process holds while it fetches NAME; its value is a random
+    token so only the holder deletes it.
+
+Fencing: a fetch reads ``version`` after it takes the lock, and its write succeeds only
+if ``version`` is still the same (one Lua script).  A slow fetch whose lock expired and
+whose source was refreshed meanwhile by another process can therefore never overwrite
+the newer value.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from server.config import RedisConfig
+
+logger = logging.getLogger(__name__)
+
+# KEYS[1] value key, KEYS[2] meta key
+# ARGV[1] value, ARGV[2] TTL in ms, ARGV[3] version the writer read, ARGV[4] fetched_at,
+# ARGV[5] expires_at, ARGV[6] field
+# Returns the new version, or -(current version) when the writer was fenced out.
+_WRITE_LUA = """
+local current = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
+if current ~= tonumber(ARGV[3]) then
+  return -current
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], 'version', current + 1, 'fetched_at', ARGV[4],
+           'expires_at', ARGV[5], 'field', ARGV[6])
+return current + 1
+"""
+
+# Put a value held in memory back after Redis lost it (restart without persistence).
+# KEYS[1] value key, KEYS[2] meta key
+# ARGV[1] value, ARGV[2] TTL in ms, ARGV[3] the value's version, ARGV[4] fetched_at,
+# ARGV[5] expires_at, ARGV[6] field
+# Returns 1 when restored, 0 when Redis already has a value or a newer version.
+_RESTORE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+local current = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
+if current > tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], 'version', ARGV[3], 'fetched_at', ARGV[4],
+           'expires_at', ARGV[5], 'field', ARGV[6])
+return 1
+"""
+
+# KEYS[1] lock key; ARGV[1] the holder's token.  Deletes the lock only if we still hold it.
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A credential value and what we know about it.  Times are unix seconds."""
+
+    value: str
+    expires_at: float
+    fetched_at: float
+    version: int
+    field: str
+
+    def remaining(self, now: float | None = None) -> float:
+        """Seconds of life left (negative once expired)."""
+        return self.expires_at - (time.time() if now is None else now)
+
+    def __repr__(self) -> str:
+        return f"Entry({self.value[:8]}..., v{self.version}, {self.remaining():.0f}s left)"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What Redis holds for a source: the live entry (None when absent) and the version."""
+
+    entry: Entry | None
+    version: int
+
+
+def build_redis(cfg: RedisConfig, url: str | None = None) -> aioredis.Redis:
+    """A redis.asyncio client for ``url`` (default: cfg.url) or for cfg.sentinel.
+
+    Commands fail fast (one quick retry, ``socket_timeout`` seconds) so a Redis outage
+    turns into a fallback to memory instead of hung requests.
+    """
+    common: dict[str, object] = dict(
+        socket_timeout=cfg.socket_timeout,
+        socket_connect_timeout=cfg.socket_timeout,
+        decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+        health_check_interval=30,
+    )
+    if cfg.password is not None:
+        common["password"] = cfg.password
+    if cfg.sentinel is not None:
+        from redis.asyncio.sentinel import Sentinel
+
+        hosts = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in cfg.sentinel.hosts]
+        sentinel_kwargs: dict[str, object] = {"socket_timeout": cfg.socket_timeout}
+        if cfg.sentinel.sentinel_password:
+            sentinel_kwargs["password"] = cfg.sentinel.sentinel_password
+        if cfg.sentinel.password is not None:
+            common["password"] = cfg.sentinel.password
+        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **common)
+        return sentinel.master_for(cfg.sentinel.service_name, **common)
+    target = url or cfg.url
+    assert target, "build_redis needs a URL or a sentinel config"
+    return aioredis.Redis.from_url(target, **common)
+
+
+class Store:
+    """All Redis access.  Every method may raise redis.RedisError; callers decide the fallback."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str = "") -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self._write = redis.register_script(_WRITE_LUA)
+        self._restore = redis.register_script(_RESTORE_LUA)
+        self._release = redis.register_script(_RELEASE_LUA)
+
+    def __repr__(self) -> str:
+        # The client's repr would show its connection kwargs; say only the prefix.
+        return f"Store(prefix={self.prefix!r})"
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    async def read(self, name: str) -> Snapshot:
+        """The value, its remaining life and its metadata in one round trip."""
+        key = self.key(name)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(key)
+            pipe.pttl(key)
+            pipe.hmget(key + ":meta", "version", "fetched_at", "field")
+            value, pttl, (version, fetched_at, field) = await pipe.execute()
+        v = int(version or 0)
+        if value is None or pttl is None or pttl <= 0:
+            return Snapshot(None, v)
+        now = time.time()
+        entry = Entry(value, now + pttl / 1000.0, float(fetched_at or now), v, field or "access_token")
+        return Snapshot(entry, v)
+
+    async def write(self, name: str, value: str, life: float, fetched_at: float, field: str, read_version: int) -> Entry | None:
+        """Store a freshly fetched value with ``life`` seconds to live.
+
+        Returns the stored Entry, or None when the version moved since ``read_version``
+        (another process wrote a newer value: ours must not replace it).
+        """
+        key = self.key(name)
+        expires_at = fetched_at + life
+        ttl_ms = max(1, int((expires_at - time.time()) * 1000))
+        result = int(
+            await self._write(
+                keys=[key, key + ":meta"],
+                args=[value, ttl_ms, read_version, repr(fetched_at), repr(expires_at), field],
+            )
+        )
+        if result <= 0:
+            return None
+        return Entry(value, expires_at, fetched_at, result, field)
+
+    async def restore(self, name: str, entry: Entry) -> bool:
+        """Put back a still-valid value Redis lost; False when Redis has one or a newer version."""
+        ttl_ms = int(entry.remaining() * 1000)
+        if ttl_ms <= 0:
+            return False
+        key = self.key(name)
+        return bool(
+            await self._restore(
+                keys=[key, key + ":meta"],
+                args=[entry.value, ttl_ms, entry.version, repr(entry.fetched_at), repr(entry.expires_at), entry.field],
+            )
+        )
+
+    async def acquire(self, name: str, lease: float) -> str | None:
+        """Take the refresh lock of ``name`` for ``lease`` seconds; the token to release it, or None."""
+        token = secrets.token_hex(16)
+        ok = await self.redis.set(self.key(name) + ":lock", token, nx=True, px=max(1, int(lease * 1000)))
+        return token if ok else None
+
+    async def release(self, name: str, token: str) -> bool:
+        """Release the lock if ``token`` still holds it (compare-and-delete)."""
+        return bool(await self._release(keys=[self.key(name) + ":lock"], args=[token]))
+
+    async def locked(self, name: str) -> bool:
+        return bool(await self.redis.exists(self.key(name) + ":lock"))

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""wechat-token-server: the central control server (中控服务器) for WeChat credentials.
+
+    python token_server.py --config config.yaml     # run
+    python token_server.py --config config.yaml --check
+    python token_server.py --demo                   # embedded Redis + WeChat sandbox
+
+Exit codes: 0 after a clean shutdown or a good --check, 2 for a config error, 1 when
+the server cannot start (Redis, port).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import sys
+import tempfile
+
+from server.config import Config, ConfigError, load_config, parse_config
+
+logger = logging.getLogger("token_server")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="token_server.py", description="Central control server for WeChat access_token and JS-SDK ticket.")
+    p.add_argument("-c", "--config", default="./config.yaml", help="YAML config file (default: ./config.yaml)")
+    p.add_argument("--check", action="store_true", help="validate the config and exit: 0 when good, 2 with the bad key")
+    p.add_argument("--demo", action="store_true", help="run on an embedded Redis against the built-in WeChat sandbox")
+    p.add_argument("--port", type=int, default=None, help="override server.port")
+    p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING (default INFO)")
+    return p.parse_args(argv)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+DEMO_CONFIG = """
+server: {{host: 127.0.0.1, port: {port}, secret: "{secret}"}}
+redis: {{data_dir: "{data_dir}"}}
+refresh: {{interval: 60, ahead: 600, max_ttl: 7000, timeout: 10}}
+sources:
+  access_token:
+    url: {sandbox}/cgi-bin/token
+    args: {{grant_type: client_credential, appid: wx123, secret: "{appsecret}"}}
+  ticket:
+    url: {sandbox}/cgi-bin/ticket/getticket
+    args: {{type: jsapi, access_token: <<access_token>>}}
+"""
+
+
+def demo_banner(port: int, secret: str, redis_port: int, sandbox: str) -> str:
+    base = f"http://127.0.0.1:{port}"
+    return f"""
+==== wechat-token-server demo (sandbox WeChat at {sandbox}) ====
+Request secret (generated for this run): {secret}
+
+  curl -H 'X-Token-Secret: {secret}' '{base}/wechat/token?type=access_token'
+  curl -H 'X-Token-Secret: {secret}' '{base}/wechat/token?type=ticket'
+  curl -H 'X-Token-Secret: {secret}' '{base}/wechat/token/forcerefresh?type=access_token'
+  curl '{base}/healthz'
+  redis-cli -p {redis_port} GET access_token
+  redis-cli -p {redis_port} TTL access_token
+  python -c "import redis; print(redis.Redis(port={redis_port}).get('access_token'))"
+
+Stop with Ctrl-C.
+"""
+
+
+async def run_demo(port: int) -> int:
+    from server.app import Running, serve
+    from server.sandbox import Sandbox, make_app as make_sandbox_app
+    import tornado.netutil
+    from tornado.httpserver import HTTPServer
+
+    sandbox = Sandbox()
+    appid, appsecret = next(iter(sandbox.apps.items()))
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    sandbox_server = HTTPServer(make_sandbox_app(sandbox))
+    sandbox_server.add_sockets(sockets)
+    sandbox_url = f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
+    secret = secrets.token_urlsafe(24)
+    with tempfile.TemporaryDirectory(prefix="token-server-demo-") as data_dir:
+        cfg = parse_config(
+            DEMO_CONFIG.format(port=port, secret=secret, data_dir=data_dir, sandbox=sandbox_url, appsecret=appsecret),
+            env={},
+            source="demo config",
+        )
+
+        def ready(running: Running) -> None:
+            redis_port = running.embedded.port if running.embedded else 6379
+            print(demo_banner(running.port, secret, redis_port, sandbox_url), flush=True)
+
+        try:
+            return await serve(cfg, on_ready=ready)
+        finally:
+            sandbox_server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    if args.demo:
+        return asyncio.run(run_demo(args.port or 12123))
+    try:
+        cfg: Config = load_config(args.config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.port is not None:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=args.port))
+    if args.check:
+        print(f"config OK: {len(cfg.sources)} sources ({', '.join(cfg.sources)})")
+        return 0
+    from server.app import serve
+
+    try:
+        return asyncio.run(serve(cfg))
+    except OSError as e:
+        logger.error("cannot start: %s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
