@@ -27,6 +27,7 @@ from server.auth import Authenticator
 from server.config import Config
 from server.embedded_redis import EmbeddedRedis
 from server.handlers import (
+    ActiveRequests,
     ForceRefreshHandler,
     HealthHandler,
     NotFoundHandler,
@@ -42,9 +43,9 @@ from server.upstream import Upstream
 logger = logging.getLogger(__name__)
 
 
-def make_app(refresher: Refresher, auth: Authenticator) -> tornado.web.Application:
+def make_app(refresher: Refresher, auth: Authenticator, active: ActiveRequests) -> tornado.web.Application:
     """The HTTP application over built parts (see handlers for each endpoint)."""
-    deps = {"refresher": refresher, "auth": auth}
+    deps = {"refresher": refresher, "auth": auth, "active": active}
     return tornado.web.Application(
         [
             (r"/wechat/token", TokenHandler, deps),
@@ -64,6 +65,7 @@ class Running:
     """The parts of a running server, in the order they are stopped."""
 
     http: HTTPServer
+    active: ActiveRequests
     refresher: Refresher
     store: Store
     upstream: Upstream
@@ -92,12 +94,13 @@ async def start(cfg: Config) -> Running:
     started = time.monotonic()
     await refresher.start()
     logger.info("first refresh pass done in %.2fs: %s", time.monotonic() - started, _summary(refresher))
-    http = HTTPServer(make_app(refresher, Authenticator(cfg)))
+    active = ActiveRequests()
+    http = HTTPServer(make_app(refresher, Authenticator(cfg), active))
     sockets = tornado.netutil.bind_sockets(cfg.server.port, cfg.server.host)
     http.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
     logger.info("listening on http://%s:%d", cfg.server.host, port)
-    return Running(http, refresher, store, upstream, embedded, port)
+    return Running(http, active, refresher, store, upstream, embedded, port)
 
 
 def _summary(refresher: Refresher) -> str:
@@ -106,13 +109,16 @@ def _summary(refresher: Refresher) -> str:
 
 async def stop(running: Running, timeout: float) -> None:
     """Stop in reverse order; in-flight requests and fetches get ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
     running.http.stop()  # no new connections
-    running.refresher.stop()  # no new ticks
+    running.refresher.stop()  # no new ticks or retries
+    if not await running.active.wait_idle(timeout):
+        logger.warning("shutdown: %d requests still open after %.0fs; closing them", len(running.active.handlers), timeout)
+    await running.refresher.drain(max(0.1, deadline - time.monotonic()))  # releases held locks
     try:
-        await asyncio.wait_for(running.http.close_all_connections(), timeout)
+        await asyncio.wait_for(running.http.close_all_connections(), 1.0)  # idle keep-alive ones
     except asyncio.TimeoutError:
-        logger.warning("shutdown: requests still open after %.0fs; closing them", timeout)
-    await running.refresher.drain(timeout)
+        pass
     await running.store.close()
     running.upstream.close()
     if running.embedded is not None:

@@ -7,6 +7,7 @@ written by the one ``write_error`` below.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -22,15 +23,49 @@ logger = logging.getLogger(__name__)
 access_log = logging.getLogger("token_server.access")
 
 
+class ActiveRequests:
+    """The requests being handled, so a shutdown can wait for them (``wait_idle``)."""
+
+    def __init__(self) -> None:
+        self.handlers: set[tornado.web.RequestHandler] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def add(self, handler: tornado.web.RequestHandler) -> None:
+        self.handlers.add(handler)
+        self._idle.clear()
+
+    def discard(self, handler: tornado.web.RequestHandler) -> None:
+        self.handlers.discard(handler)
+        if not self.handlers:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True when no request is open any more, False after ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
 class BaseHandler(tornado.web.RequestHandler):
     """JSON errors for every handler; authentication in ``prepare``."""
 
     needs_auth = True
     principal: Principal | None = None
 
-    def initialize(self, refresher: Refresher, auth: Authenticator) -> None:
+    def initialize(self, refresher: Refresher, auth: Authenticator, active: ActiveRequests) -> None:
         self.refresher = refresher
         self.auth = auth
+        self.active = active
+        active.add(self)
+
+    def on_finish(self) -> None:
+        self.active.discard(self)
+
+    def on_connection_close(self) -> None:
+        self.active.discard(self)
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")

