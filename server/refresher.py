@@ -54,6 +54,10 @@ class Unavailable(Exception):
     """No valid value can be had now; ``str()`` is the short reason shown to clients."""
 
 
+class DependencyUnavailable(Unavailable):
+    """A source this one templates in (``<<name>>``) has no valid value and may not be fetched now."""
+
+
 @dataclass
 class SourceState:
     """What this process knows about one source.  Times are unix seconds."""
@@ -61,11 +65,13 @@ class SourceState:
     entry: Entry | None = None
     failures: int = 0
     retry_at: float = 0.0  # no tick fetches before this (backoff)
+    not_before: float = 0.0  # upstream returned the value we had: no tick fetch before this
     blocked: UpstreamError | None = None  # fatal error: no fetch until forced
     quota_until: float = 0.0  # 45009: no fetch before this unless forced
     last_error: str = ""
     upstream_calls: int = 0
-    flight: asyncio.Future[Entry] | None = None
+    flight: asyncio.Future[Entry] | None = None  # the fetch under way (single flight)
+    flight_started: float = 0.0
     retry_handle: object | None = None
 
 
@@ -85,6 +91,7 @@ class Refresher:
         self.cfg = cfg
         self.states = {name: SourceState() for name in self.sources}
         self._timer: PeriodicCallback | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()  # ticks, retries, wake-ups under way
         self._redis_down_logged = False
         #: a lock outlives every call a flight makes: a dependency's plus two of its own
         self.lock_lease = 3 * cfg.timeout + 5
@@ -113,6 +120,7 @@ class Refresher:
         Cancelled flights still release their Redis locks (``finally`` in _fly).
         """
         flights = [s.flight for s in self.states.values() if s.flight is not None and not s.flight.done()]
+        flights += [t for t in self._tasks if not t.done()]
         if not flights:
             return
         done, pending = await asyncio.wait(flights, timeout=timeout)
@@ -121,15 +129,21 @@ class Refresher:
         if pending:
             await asyncio.wait(pending, timeout=2)
 
+    def _spawn(self, coro: Any) -> None:
+        """Run ``coro`` in the background, tracked so drain() can wait for it."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _tick(self) -> None:
-        asyncio.ensure_future(self.refresh_due())
+        self._spawn(self.refresh_due())
 
     async def refresh_due(self) -> None:
         """One pass: sync every source with Redis and fetch those that need it."""
         for name in self.sources:
             state = self.states[name]
             now = time.time()
-            if state.blocked is not None or now < state.quota_until or now < state.retry_at:
+            if state.blocked is not None or now < max(state.quota_until, state.retry_at, state.not_before):
                 await self._sync(name)
                 continue
             try:
@@ -202,26 +216,32 @@ class Refresher:
             return False
         return True
 
-    async def refresh(self, name: str, *, force: bool = False, old: str | None = None, min_interval: bool = True) -> Entry:
+    async def refresh(
+        self, name: str, *, force: bool = False, old: str | None = None, min_interval: bool = True, unblock: bool = True
+    ) -> Entry:
         """A valid value of ``name``, fetched now if needed (or if ``force``).
 
         ``old``: the value the caller holds; when it is no longer current nothing is
         fetched.  ``min_interval``: a forced refresh within ``refresh.force_min_interval``
-        of the last fetch returns that fetch.  Raises UpstreamError or Unavailable.
+        of the last fetch returns that fetch.  ``unblock``: a forced refresh (an operator's)
+        tries a blocked or out-of-quota source again.  Raises UpstreamError or Unavailable.
         """
         state = self.states[name]
-        if force:
+        if force and unblock:
             state.blocked = None  # an operator's forced refresh tries a blocked source again
             state.quota_until = 0.0
         for _ in range(3):
             flight = state.flight
             if flight is None:
                 flight = asyncio.ensure_future(self._fly(name, force, old, min_interval))
-                state.flight = flight
+                state.flight, state.flight_started = flight, time.time()
                 flight.add_done_callback(lambda f, s=state: setattr(s, "flight", None) if s.flight is f else None)
                 return await asyncio.shield(flight)
+            # Join the flight under way.  Its fetch is newer than the caller's value, so it
+            # answers a forced refresh too, unless it found the value fresh and fetched nothing.
+            started = state.flight_started
             entry = await asyncio.shield(flight)
-            if not self._needed(entry, force, old, min_interval):
+            if entry.fetched_at >= started or not self._needed(entry, force, old, min_interval):
                 return entry
         return entry
 
@@ -230,13 +250,33 @@ class Refresher:
         started = time.monotonic()
         try:
             entry = await self._refresh_locked(name, force, old, min_interval)
+        except DependencyUnavailable as e:
+            # Not this source's failure: no backoff; _wake_dependents retries it as soon
+            # as the dependency has a value again.
+            if state.last_error != str(e):
+                logger.warning("source %s: waiting: %s", name, e)
+            state.last_error = str(e)
+            raise
+        except RedisError as e:
+            err = Unavailable(f"redis error: {type(e).__name__}")
+            self._failed(name, err, time.monotonic() - started)
+            raise err from None
         except (UpstreamError, Unavailable) as e:
             self._failed(name, e, time.monotonic() - started)
             raise
         if state.failures or state.blocked:
             logger.info("source %s: recovered after %d failed attempts", name, state.failures)
         state.failures, state.retry_at, state.blocked, state.last_error = 0, 0.0, None, ""
+        self._wake_dependents(name)
         return entry
+
+    def _wake_dependents(self, name: str) -> None:
+        """Refresh the sources templating ``name`` that wait for it (no value, or due)."""
+        for other, source in self.sources.items():
+            state = self.states[other]
+            if name in source.deps and state.flight is None and self._needed(state.entry, False, None, True):
+                if state.blocked is None and time.time() >= max(state.quota_until, state.retry_at):
+                    self._spawn(self._retry_one(other))
 
     async def _refresh_locked(self, name: str, force: bool, old: str | None, min_interval: bool) -> Entry:
         state = self.states[name]
@@ -298,6 +338,14 @@ class Refresher:
         fetched = await self._call_upstream(name, force)
         life = min(fetched.expires_in, self.cfg.max_ttl)
         state = self.states[name]
+        if not force and state.entry is not None and fetched.value == state.entry.value:
+            # stable_token in normal mode answers with the same token until WeChat renews
+            # it (about 300 s before expiry): asking every tick until then would only
+            # burn calls.  Leave it for half of its remaining life.
+            state.not_before = fetched_at + max(self.cfg.interval, life / 2)
+            logger.info("source %s: upstream returned the same value (%.0fs left); next try in %.0fs", name, life, state.not_before - fetched_at)
+        else:
+            state.not_before = 0.0
         memory = Entry(fetched.value, fetched_at + life, fetched_at, (state.entry.version if state.entry else 0), fetched.field)
         if read_version is None:
             state.entry = memory
@@ -323,9 +371,7 @@ class Refresher:
     async def _call_upstream(self, name: str, force: bool) -> Any:
         """One upstream call with dependencies filled in; on a stale dependency, one retry."""
         source = self.sources[name]
-        values: dict[str, str] = {}
-        for dep in source.deps:
-            values[dep] = (await self.refresh(dep)).value
+        values = {dep: (await self._dependency(dep)).value for dep in source.deps}
         state = self.states[name]
         try:
             state.upstream_calls += 1
@@ -337,9 +383,25 @@ class Refresher:
             # Refresh each dependency only if the value we used is still current: when
             # someone else already rotated it, we simply take the new one.
             for dep in source.deps:
-                values[dep] = (await self.refresh(dep, force=True, old=values[dep], min_interval=False)).value
+                values[dep] = (await self.refresh(dep, force=True, old=values[dep], min_interval=False, unblock=False)).value
             state.upstream_calls += 1
             return await self.upstream.fetch(source, source.build_request(values, force))
+
+    async def _dependency(self, dep: str) -> Entry:
+        """A valid value of ``dep`` for a dependent's request.
+
+        Fetched if due, but never on a dependent's behalf while ``dep`` is blocked, out of
+        quota or backing off: that would bypass its backoff on every tick.
+        """
+        state = self.states[dep]
+        if state.blocked is not None or time.time() < max(state.quota_until, state.retry_at):
+            if state.entry is not None and state.entry.remaining() > 0:
+                return state.entry
+            raise DependencyUnavailable(f"{dep} has no valid value ({state.last_error or 'failing'})")
+        try:
+            return await self.refresh(dep)
+        except (UpstreamError, Unavailable) as e:
+            raise DependencyUnavailable(f"{dep} has no valid value ({e})") from None
 
     def _failed(self, name: str, err: Exception, elapsed: float) -> None:
         state = self.states[name]
@@ -377,7 +439,7 @@ class Refresher:
     def _retry(self, name: str) -> None:
         self.states[name].retry_handle = None
         if self._timer is not None:  # not after stop()
-            asyncio.ensure_future(self._retry_one(name))
+            self._spawn(self._retry_one(name))
 
     async def _retry_one(self, name: str) -> None:
         try:

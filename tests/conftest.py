@@ -207,7 +207,7 @@ def call(io_loop: Any) -> Any:
     ``headers=`` replaces the secret header; ``method=`` and ``body=`` as in Tornado.
     Returns (status, decoded JSON or the raw text when it is not JSON).
     """
-    client = AsyncHTTPClient(force_instance=True)
+    client = AsyncHTTPClient(force_instance=True, max_clients=1000)
 
     async def _call(port: int, path: str, *, headers: dict[str, str] | None = None, method: str = "GET", body: bytes | None = None, query: str | None = None, **params: str) -> tuple[int, Any]:
         from urllib.parse import urlencode

@@ -1,0 +1,251 @@
+"""The refresher, through the running server: every upstream call is counted at the sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+from server.sandbox import TICKET_PATH, TOKEN_PATH
+
+FAST = {"interval": 0.2, "ahead": 1.0, "max_ttl": 7000, "timeout": 2, "backoff_max": 5}
+
+
+async def wait_until(predicate, timeout=5.0, step=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(step)
+    return predicate()
+
+
+@pytest.mark.gen_test
+async def test_first_pass_runs_before_listening_and_stores_plain_keys(make_config, start_server, sandbox, redis_sync):
+    await start_server(make_config())
+    # start() returned: the first pass is done, nothing waited for a tick.
+    assert sandbox.calls[TOKEN_PATH] == 1 and sandbox.calls[TICKET_PATH] == 1
+    assert redis_sync.get("access_token") == sandbox.current_token()
+    assert 6990 <= redis_sync.ttl("access_token") <= 7000  # life = min(expires_in 7200, max_ttl 7000)
+    assert sandbox.token_status(redis_sync.get("access_token")) == 0
+    meta = redis_sync.hgetall("access_token:meta")
+    assert meta["version"] == "1" and meta["field"] == "access_token"
+    assert redis_sync.hget("ticket:meta", "field") == "ticket"
+
+
+@pytest.mark.gen_test
+async def test_restart_reuses_values_in_redis_with_zero_upstream_calls(make_config, start_server, call, sandbox):
+    from server.app import stop
+
+    first = await start_server(make_config())
+    _, before = await call(first.port, "/wechat/token", type="access_token")
+    await stop(first, 1.0)
+    second = await start_server(make_config())
+    status, after = await call(second.port, "/wechat/token", type="access_token")
+    assert status == 200 and after["access_token"] == before["access_token"]
+    assert sandbox.calls[TOKEN_PATH] == 1 and sandbox.calls[TICKET_PATH] == 1
+
+
+@pytest.mark.gen_test
+async def test_prefix_namespaces_every_key(make_config, start_server, sandbox, redis_sync):
+    await start_server(make_config(redis={"prefix": "wx:"}))
+    assert redis_sync.get("wx:access_token") == sandbox.current_token()
+    assert redis_sync.get("access_token") is None
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_refreshes_ahead_of_expiry_using_expires_in(make_config, start_server, call, sandbox, redis_sync):
+    sandbox.expires_in = 3  # seconds: ahead (1 s) is reached 2 s after each fetch
+    srv = await start_server(make_config(refresh=FAST))
+    _, first = await call(srv.port, "/wechat/token", type="access_token")
+    assert 1 <= first["expires_in"] <= 3
+    assert await wait_until(lambda: sandbox.calls[TOKEN_PATH] == 2, timeout=4)
+    _, second = await call(srv.port, "/wechat/token", type="access_token")
+    assert second["access_token"] != first["access_token"]
+    assert sandbox.token_status(second["access_token"]) == 0
+    assert redis_sync.get("access_token") == second["access_token"]
+    assert redis_sync.pttl("access_token") <= 3000
+    # The ticket was fetched again with the new token (it is valid at the sandbox).
+    assert await wait_until(lambda: sandbox.calls[TICKET_PATH] >= 2, timeout=3)
+    # One fetch per rotation, not one per tick: 2.5 s of ticks every 0.2 s.
+    await asyncio.sleep(0.6)
+    assert sandbox.calls[TOKEN_PATH] <= 3
+
+
+@pytest.mark.gen_test
+async def test_max_ttl_caps_the_life(make_config, start_server, call, redis_sync):
+    srv = await start_server(make_config(refresh={"max_ttl": 5, "ahead": 2, "interval": 1}))
+    _, body = await call(srv.port, "/wechat/token", type="access_token")
+    assert body["expires_in"] <= 5
+    assert 0 < redis_sync.pttl("access_token") <= 5000
+
+
+@pytest.mark.parametrize("kind", ["busy", "garbage", "missing_field", "http_error"])
+@pytest.mark.gen_test(timeout=15)
+async def test_failed_fetch_stores_nothing_then_retries_with_backoff(kind, make_config, start_server, call, sandbox, redis_sync):
+    sandbox.inject(TOKEN_PATH, kind, times=1)
+    srv = await start_server(make_config(refresh=FAST))
+    assert redis_sync.get("access_token") is None  # an error is never stored as a value
+    assert redis_sync.get("ticket") is None
+    status, body = await call(srv.port, "/wechat/token", type="access_token")
+    assert status == 503 and body["errcode"] == 503
+    # The retry comes from the backoff (about 0.5-1 s), not from each 0.2 s tick.
+    assert await wait_until(lambda: redis_sync.get("access_token") is not None, timeout=4)
+    assert sandbox.calls[TOKEN_PATH] == 2
+    status, body = await call(srv.port, "/wechat/token", type="access_token")
+    assert status == 200 and sandbox.token_status(body["access_token"]) == 0
+    assert await wait_until(lambda: redis_sync.get("ticket") is not None, timeout=4)
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_timeout_is_a_transient_failure(make_config, start_server, call, sandbox, redis_sync):
+    sandbox.inject(TOKEN_PATH, "hang", delay=1.5)
+    srv = await start_server(make_config(refresh=dict(FAST, timeout=0.5)))
+    status, _ = await call(srv.port, "/wechat/token", type="access_token")
+    assert status == 503
+    assert await wait_until(lambda: redis_sync.get("access_token") is not None, timeout=5)
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_transient_failures_back_off_exponentially(make_config, start_server, sandbox):
+    sandbox.inject(TOKEN_PATH, "busy", times=None)
+    await start_server(make_config(refresh=FAST))
+    await asyncio.sleep(3.0)
+    # 15 ticks passed; backoff 1, 2, 4 s (jittered to half or more) allows at most 4 attempts.
+    assert 2 <= sandbox.calls[TOKEN_PATH] <= 4
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_failed_refresh_keeps_serving_the_old_value(make_config, start_server, call, sandbox, redis_sync):
+    srv = await start_server(make_config(refresh={"force_min_interval": 0}))
+    _, old = await call(srv.port, "/wechat/token", type="access_token")
+    sandbox.inject(TOKEN_PATH, "busy", times=None)
+    status, body = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")
+    assert status == 503 and body == {"errcode": 503, "errmsg": "refresh failed: upstream is failing"}
+    status, body = await call(srv.port, "/wechat/token", type="access_token")
+    assert status == 200 and body["access_token"] == old["access_token"]
+    assert redis_sync.get("access_token") == old["access_token"]
+
+
+@pytest.mark.parametrize("errcode", [40013, 40125, 40164, 41004, 48001, 89503])
+@pytest.mark.gen_test(timeout=15)
+async def test_fatal_errcode_blocks_the_source_until_forced(errcode, make_config, start_server, call, sandbox, caplog):
+    msg = "invalid ip 203.0.113.9 ipv6 ::ffff:203.0.113.9, not in whitelist" if errcode == 40164 else "fatal"
+    sandbox.inject(TOKEN_PATH, "errcode", errcode=errcode, errmsg=msg, times=None)
+    with caplog.at_level(logging.ERROR, logger="server.refresher"):
+        srv = await start_server(make_config(refresh=FAST))
+        await asyncio.sleep(1.5)  # seven ticks
+    assert sandbox.calls[TOKEN_PATH] == 1  # not one per tick
+    assert sandbox.calls[TICKET_PATH] == 0  # the ticket needs a token: no call without one
+    blocked = [r.getMessage() for r in caplog.records if "BLOCKED" in r.getMessage()]
+    assert len(blocked) == 1 and f"errcode {errcode}" in blocked[0]
+    if errcode == 40164:
+        assert "203.0.113.9" in blocked[0] and "whitelist" in blocked[0]
+    status, body = await call(srv.port, "/wechat/token", type="access_token")
+    assert status == 503 and "blocked" in body["errmsg"] or status == 503
+    # An operator's forced refresh tries again, once.
+    sandbox.clear_faults()
+    status, body = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")
+    assert status == 200 and sandbox.calls[TOKEN_PATH] == 2
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_daily_quota_stops_calls_until_reset(make_config, start_server, sandbox, caplog):
+    sandbox.inject(TOKEN_PATH, "errcode", errcode=45009, errmsg="reach max api daily quota limit", times=None)
+    with caplog.at_level(logging.ERROR, logger="server.refresher"):
+        srv = await start_server(make_config(refresh=FAST))
+        await asyncio.sleep(1.2)
+    assert sandbox.calls[TOKEN_PATH] == 1
+    assert any("45009" in r.getMessage() and "daily quota" in r.getMessage() for r in caplog.records)
+    assert srv.refresher.status()["access_token"]["state"] == "quota"
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_ticket_with_stale_token_refreshes_the_token_once_and_retries(make_config, start_server, call, sandbox):
+    srv = await start_server(make_config(refresh={"force_min_interval": 0}))
+    _, ours = await call(srv.port, "/wechat/token", type="access_token")
+    # Someone else fetches twice behind our back: our token dies at once (40001).
+    for _ in range(2):
+        sandbox.api_token("client_credential", "wx123", "sandbox-appsecret-0123456789", "127.0.0.1")
+    assert sandbox.token_status(ours["access_token"]) == 40001
+    status, body = await call(srv.port, "/wechat/token/forcerefresh", type="ticket")
+    assert status == 200 and body["ticket"]
+    assert sandbox.calls[TOKEN_PATH] == 2  # our start + exactly one refresh
+    assert sandbox.calls[TICKET_PATH] == 3  # start, the 40001, the retry
+    _, token = await call(srv.port, "/wechat/token", type="access_token")
+    assert token["access_token"] != ours["access_token"] and sandbox.token_status(token["access_token"]) == 0
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_stale_token_never_loops(make_config, start_server, call, sandbox):
+    srv = await start_server(make_config(refresh={"force_min_interval": 0}))
+    sandbox.inject(TICKET_PATH, "errcode", errcode=40001, errmsg="invalid credential", times=None)
+    status, _ = await call(srv.port, "/wechat/token/forcerefresh", type="ticket")
+    assert status == 503
+    assert sandbox.calls[TICKET_PATH] == 3  # start + one try + one retry
+    assert sandbox.calls[TOKEN_PATH] == 2  # start + one refresh, never more
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_concurrent_forced_refreshes_share_one_call(make_config, start_server, call, sandbox):
+    srv = await start_server(make_config(refresh={"force_min_interval": 0}))
+    sandbox.inject(TOKEN_PATH, "hang", delay=1.0)  # keep the flight open while the crowd arrives
+    results = await asyncio.gather(*(call(srv.port, "/wechat/token/forcerefresh", type="access_token") for _ in range(50)))
+    assert {status for status, _ in results} == {200}
+    assert len({body["access_token"] for _, body in results}) == 1
+    assert sandbox.calls[TOKEN_PATH] == 2  # start + one
+
+
+@pytest.mark.gen_test
+async def test_forcerefresh_with_old(make_config, start_server, call, sandbox):
+    srv = await start_server(make_config(refresh={"force_min_interval": 0}))
+    _, first = await call(srv.port, "/wechat/token", type="access_token")
+    status, new = await call(srv.port, "/wechat/token/forcerefresh", type="access_token", old=first["access_token"])
+    assert status == 200 and new["access_token"] != first["access_token"]
+    assert sandbox.calls[TOKEN_PATH] == 2
+    # A caller still holding the first token: someone already rotated it, no call.
+    status, again = await call(srv.port, "/wechat/token/forcerefresh", type="access_token", old=first["access_token"])
+    assert status == 200 and again["access_token"] == new["access_token"]
+    assert sandbox.calls[TOKEN_PATH] == 2
+
+
+@pytest.mark.gen_test
+async def test_force_min_interval_returns_the_fresh_value(make_config, start_server, call, sandbox):
+    srv = await start_server(make_config(refresh={"force_min_interval": 30}))
+    _, first = await call(srv.port, "/wechat/token", type="access_token")
+    status, body = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")
+    assert status == 200 and body["access_token"] == first["access_token"]
+    assert sandbox.calls[TOKEN_PATH] == 1
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_stable_token_source_forces_with_force_refresh(make_config, start_server, call, sandbox, sandbox_url):
+    stable = {
+        "url": f"{sandbox_url}/cgi-bin/stable_token",
+        "method": "POST",
+        "json": {"grant_type": "client_credential", "appid": "wx123", "secret": "sandbox-appsecret-0123456789", "force_refresh": False},
+        "force": {"force_refresh": True},
+    }
+    srv = await start_server(make_config(sources={"access_token": stable}, refresh={"force_min_interval": 0}))
+    _, first = await call(srv.port, "/wechat/token", type="access_token")
+    # A normal refresh returns the same stable token; a forced one a new one.
+    status, forced = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")
+    assert status == 200 and forced["access_token"] != first["access_token"]
+    assert sandbox.calls["/cgi-bin/stable_token"] == 2
+    assert sandbox.token_status(first["access_token"]) == 0  # still in its overlap
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_same_value_from_upstream_is_not_asked_again_every_tick(make_config, start_server, sandbox, sandbox_url):
+    # stable_token answers with the same token until about 300 s before its expiry.
+    sandbox.expires_in = 20  # the sandbox renews a stable token when under 10 s remain
+    stable = {
+        "url": f"{sandbox_url}/cgi-bin/stable_token",
+        "method": "POST",
+        "json": {"grant_type": "client_credential", "appid": "wx123", "secret": "sandbox-appsecret-0123456789"},
+    }
+    await start_server(make_config(sources={"access_token": stable}, refresh={"interval": 0.2, "ahead": 19.5}))
+    await asyncio.sleep(2.0)  # ten ticks, every one of them inside `ahead`
+    assert sandbox.calls["/cgi-bin/stable_token"] <= 2
