@@ -1,0 +1,163 @@
+"""Config: the schema, ${ENV} expansion, and the one-line refusals of --check."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from server.config import ConfigError, parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOOD_SECRET = "a-long-random-request-secret-42"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {"PATH": os.environ["PATH"], **(env or {})}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "token_server.py"), *args],
+        capture_output=True, text=True, timeout=30, env=full_env, cwd=ROOT,
+    )
+
+
+def config_text(**overrides: object) -> str:
+    raw: dict[str, object] = {
+        "server": {"secret": GOOD_SECRET},
+        "sources": {
+            "access_token": {"url": "https://api.weixin.qq.com/cgi-bin/token", "args": {"appid": "wx1", "secret": "s"}},
+            "ticket": {"url": "https://api.weixin.qq.com/cgi-bin/ticket/getticket", "args": {"access_token": "<<access_token>>"}},
+        },
+    }
+    raw.update(overrides)
+    return yaml.safe_dump(raw)
+
+
+def test_example_config_passes_check() -> None:
+    result = run_cli("--check", "-c", "config.example.yaml", env={"TOKEN_SERVER_SECRET": GOOD_SECRET, "WECHAT_APPSECRET": "x" * 32})
+    assert result.returncode == 0, result.stderr
+    assert "access_token" in result.stdout and "ticket" in result.stdout
+
+
+def test_issue_shape_with_flow_mappings_and_env(tmp_path) -> None:
+    # The exact shape from the docs: ${VAR} inside a YAML flow mapping.
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "server:\n  secret: ${TOKEN_SERVER_SECRET}\n"
+        "sources:\n"
+        "  access_token:\n    url: https://api.weixin.qq.com/cgi-bin/token\n    method: GET\n"
+        "    args: {grant_type: client_credential, appid: wx123, secret: ${WECHAT_APPSECRET}}\n"
+        "  ticket:\n    url: https://api.weixin.qq.com/cgi-bin/ticket/getticket\n    method: GET\n"
+        "    args: {type: jsapi, access_token: <<access_token>>}\n"
+    )
+    cfg = parse_config(path.read_text(), {"TOKEN_SERVER_SECRET": GOOD_SECRET, "WECHAT_APPSECRET": "x}: {evil: 1"})
+    # The secret's YAML syntax stays data: it does not add keys.
+    assert cfg.sources["access_token"].args == {"grant_type": "client_credential", "appid": "wx123", "secret": "x}: {evil: 1"}
+    assert cfg.sources["ticket"].args["access_token"] == "<<access_token>>"
+
+
+def test_env_default_syntax() -> None:
+    cfg = parse_config(config_text(redis={"prefix": "${PREFIX:-wx:}"}), {})
+    assert cfg.redis.prefix == "wx:"
+
+
+def test_sources_are_put_in_dependency_order() -> None:
+    text = yaml.safe_dump({
+        "server": {"secret": GOOD_SECRET},
+        "sources": {
+            "ticket": {"url": "http://x/t", "args": {"access_token": "<<access_token>>"}},
+            "card": {"url": "http://x/c", "json": {"t": "<<ticket>>", "a": "<<access_token>>"}, "method": "POST"},
+            "access_token": {"url": "http://x/a"},
+        },
+    })
+    assert list(parse_config(text, {}).sources) == ["access_token", "ticket", "card"]
+
+
+def test_defaults() -> None:
+    cfg = parse_config(config_text(), {})
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 12123)
+    assert (cfg.refresh.interval, cfg.refresh.ahead, cfg.refresh.max_ttl, cfg.refresh.timeout) == (60, 600, 7000, 10)
+    assert cfg.redis.url is None and cfg.redis.prefix == ""
+
+
+BAD = [
+    # (yaml text, the start of the one-line message)
+    (config_text(server={"secret": "change-me"}), "server.secret: is a placeholder"),
+    (config_text(server={"secret": ""}), "server.secret: empty"),
+    (config_text(server={"secret": "short-secret"}), "server.secret: shorter than 16"),
+    (config_text(server={"secret": GOOD_SECRET, "prot": 1}), "server.prot: unknown key"),
+    (config_text(server={"secret": GOOD_SECRET, "port": "x"}), "server.port: must be an integer"),
+    (config_text(refresh={"interval": 60, "ahead": 30}), "refresh.ahead: 30 must be greater than refresh.interval"),
+    (config_text(refresh={"ahead": 8000}), "refresh.ahead: 8000 must be less than refresh.max_ttl"),
+    (config_text(refresh={"timeout": 0}), "refresh.timeout: must be a positive"),
+    (config_text(sources={}), "sources: declare at least one source"),
+    (config_text(sources={"access_token": {"args": {}}}), "sources.access_token.url: missing"),
+    (config_text(sources={"a": {"url": "ftp://x"}}), "sources.a.url: must be an http"),
+    (config_text(sources={"a": {"url": "http://x", "method": "PUT"}}), "sources.a.method: must be GET or POST"),
+    (config_text(sources={"a": {"url": "http://x", "colour": 1}}), "sources.a.colour: unknown key"),
+    (config_text(sources={"a": {"url": "http://x", "args": {"t": "<<acess_token>>"}}}), "sources.a.args: <<acess_token>> names no source"),
+    (
+        config_text(sources={"a": {"url": "http://x", "args": {"t": "<<b>>"}}, "b": {"url": "http://x", "args": {"t": "<<a>>"}}}),
+        "sources.a: dependency cycle a -> b -> a",
+    ),
+    (config_text(sources={"a b": {"url": "http://x"}}), "sources.a b: a name is letters"),
+    (config_text(redis={"url": "http://localhost"}), "redis.url: must start with redis://"),
+    (config_text(redis={"url": "redis://x", "sentinel": {"hosts": ["h:1"]}}), "redis.sentinel: give either"),
+    (config_text(server={"secret": "${UNSET_VAR_FOR_TEST}"}), "server.secret: environment variable UNSET_VAR_FOR_TEST is not set"),
+    ("server: [", "test: line"),
+    ("- a\n- b\n", "test: the config must be a YAML mapping"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD, ids=[m.split(":")[0] + ":" + m.split(":")[1][:20] for _, m in BAD])
+def test_refusals_are_one_line_naming_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, {}, source="test")
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+def test_check_exits_2_with_one_line(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(config_text(sources={"ticket": {"url": "http://x", "args": {"access_token": "<<acess_token>>"}}}))
+    result = run_cli("--check", "--config", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sources.ticket.args: <<acess_token>> names no source" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_check_on_a_missing_file_exits_2(tmp_path) -> None:
+    result = run_cli("--check", "-c", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2 and "cannot read the config file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_check_never_echoes_a_secret(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(config_text(server={"secret": "${S}", "port": "nope"}))
+    result = run_cli("--check", "-c", str(path), env={"S": GOOD_SECRET})
+    assert result.returncode == 2 and GOOD_SECRET not in result.stderr + result.stdout
+
+
+def test_world_readable_config_warns(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(config_text())
+    os.chmod(path, 0o644)
+    warned = run_cli("--check", "-c", str(path))
+    os.chmod(path, 0o600)
+    quiet = run_cli("--check", "-c", str(path))
+    assert warned.returncode == quiet.returncode == 0
+    assert "chmod 600" in warned.stderr and "chmod 600" not in quiet.stderr
+
+
+def test_unknown_key_error_lists_known_keys() -> None:
+    with pytest.raises(ConfigError, match=r"known keys: interval, ahead, max_ttl, timeout"):
+        parse_config(config_text(refresh={"intervall": 5}), {})
+
+
+def test_config_error_is_no_config_for_a_non_mapping_section() -> None:
+    with pytest.raises(ConfigError, match=r"^refresh: must be a mapping"):
+        parse_config(config_text(refresh=[1, 2]), {})

@@ -1,0 +1,84 @@
+"""The Redis layout and its Lua scripts, against a real redis-server."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from server.config import RedisConfig
+from server.store import Store, build_redis
+
+
+@pytest.fixture
+def store(redis_url, io_loop):
+    s = Store(build_redis(RedisConfig(url=redis_url)), prefix="p:")
+    yield s
+    io_loop.run_sync(s.close)
+
+
+@pytest.mark.gen_test
+async def test_write_sets_plain_key_with_ttl_and_meta(store, redis_sync):
+    now = time.time()
+    entry = await store.write("access_token", "TOKEN-1", 100, now, "access_token", read_version=0)
+    assert entry is not None and entry.version == 1
+    assert redis_sync.get("p:access_token") == "TOKEN-1"  # the bare value, as direct readers want
+    assert 98 <= redis_sync.ttl("p:access_token") <= 100
+    meta = redis_sync.hgetall("p:access_token:meta")
+    assert meta["version"] == "1" and meta["field"] == "access_token"
+    assert abs(float(meta["expires_at"]) - (now + 100)) < 0.01
+    snap = await store.read("access_token")
+    assert snap.entry is not None and snap.entry.value == "TOKEN-1" and 98 < snap.entry.remaining() <= 100
+
+
+@pytest.mark.gen_test
+async def test_fencing_rejects_a_write_based_on_an_old_version(store, redis_sync):
+    now = time.time()
+    assert await store.write("t", "NEWER", 100, now, "access_token", read_version=0)
+    # A slow writer that read version 0 before the write above must not replace it.
+    assert await store.write("t", "OLDER", 100, now - 5, "access_token", read_version=0) is None
+    assert redis_sync.get("p:t") == "NEWER"
+    assert (await store.write("t", "NEXT", 100, now, "access_token", read_version=1)).version == 2
+
+
+@pytest.mark.gen_test
+async def test_restore_puts_back_a_lost_value_but_never_over_a_newer_one(store, redis_sync):
+    now = time.time()
+    entry = await store.write("t", "V1", 100, now, "access_token", read_version=0)
+    redis_sync.flushall()  # Redis restarted empty
+    assert await store.restore("t", entry)
+    assert redis_sync.get("p:t") == "V1" and redis_sync.hget("p:t:meta", "version") == "1"
+    assert 95 < redis_sync.ttl("p:t") <= 100
+    assert not await store.restore("t", entry)  # already there
+    await store.write("t", "V2", 100, now, "access_token", read_version=1)
+    redis_sync.delete("p:t")  # V2 expired; V1 is older still: do not bring it back
+    assert not await store.restore("t", entry)
+    assert redis_sync.get("p:t") is None
+
+
+@pytest.mark.gen_test
+async def test_lock_is_exclusive_and_only_its_holder_releases_it(store, redis_sync):
+    token = await store.acquire("t", lease=5)
+    assert token is not None
+    assert await store.acquire("t", lease=5) is None
+    assert 0 < redis_sync.pttl("p:t:lock") <= 5000
+    assert not await store.release("t", "someone-else")
+    assert await store.locked("t")
+    assert await store.release("t", token)
+    assert not await store.locked("t")
+
+
+@pytest.mark.gen_test
+async def test_expired_value_is_absent(store, redis_sync):
+    await store.write("t", "SHORT", 0.05, time.time(), "ticket", read_version=0)
+    import asyncio
+
+    await asyncio.sleep(0.1)
+    snap = await store.read("t")
+    assert snap.entry is None and snap.version == 1
+    assert redis_sync.get("p:t") is None
+
+
+def test_repr_hides_connection_details(redis_url):
+    s = Store(build_redis(RedisConfig(url=redis_url.replace("redis://", "redis://:hunter2-password@"))))
+    assert "hunter2" not in repr(s)
