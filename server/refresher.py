@@ -28,6 +28,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -73,6 +74,13 @@ class SourceState:
     flight: asyncio.Future[Entry] | None = None  # the fetch under way (single flight)
     flight_started: float = 0.0
     retry_handle: object | None = None
+
+
+def _landed(state: SourceState, flight: asyncio.Future[Entry]) -> None:
+    if state.flight is flight:
+        state.flight = None
+    if not flight.cancelled():
+        flight.exception()  # retrieved: its callers got it; keeps asyncio from logging it again
 
 
 class Refresher:
@@ -235,7 +243,7 @@ class Refresher:
             if flight is None:
                 flight = asyncio.ensure_future(self._fly(name, force, old, min_interval))
                 state.flight, state.flight_started = flight, time.time()
-                flight.add_done_callback(lambda f, s=state: setattr(s, "flight", None) if s.flight is f else None)
+                flight.add_done_callback(partial(_landed, state))
                 return await asyncio.shield(flight)
             # Join the flight under way.  Its fetch is newer than the caller's value, so it
             # answers a forced refresh too, unless it found the value fresh and fetched nothing.

@@ -26,6 +26,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -110,7 +111,7 @@ def build_redis(cfg: RedisConfig, url: str | None = None) -> aioredis.Redis:
     Commands fail fast (one quick retry, ``socket_timeout`` seconds) so a Redis outage
     turns into a fallback to memory instead of hung requests.
     """
-    common: dict[str, object] = dict(
+    common: dict[str, Any] = dict(
         socket_timeout=cfg.socket_timeout,
         socket_connect_timeout=cfg.socket_timeout,
         decode_responses=True,
@@ -123,7 +124,7 @@ def build_redis(cfg: RedisConfig, url: str | None = None) -> aioredis.Redis:
         from redis.asyncio.sentinel import Sentinel
 
         hosts = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in cfg.sentinel.hosts]
-        sentinel_kwargs: dict[str, object] = {"socket_timeout": cfg.socket_timeout}
+        sentinel_kwargs: dict[str, Any] = {"socket_timeout": cfg.socket_timeout}
         if cfg.sentinel.sentinel_password:
             sentinel_kwargs["password"] = cfg.sentinel.sentinel_password
         if cfg.sentinel.password is not None:

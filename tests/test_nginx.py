@@ -1,0 +1,86 @@
+"""deploy/nginx.conf, run by a real nginx in front of the server: TLS, proxying, no secret in its log."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+
+from server.embedded_redis import free_port
+from tests.conftest import TEST_SECRET
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("nginx") and shutil.which("openssl")), reason="nginx and openssl not installed (.ci/run installs them)"
+)
+
+
+@pytest.fixture
+def nginx_for(tmp_path):
+    """``nginx_for(backend_port)`` -> (https_port, access_log_path): deploy/nginx.conf with its
+    placeholders and ports filled in, run in the foreground."""
+    procs = []
+
+    def start(backend_port: int) -> tuple[int, str]:
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+             "-keyout", str(tmp_path / "t.key"), "-out", str(tmp_path / "t.crt")],
+            check=True, capture_output=True,
+        )
+        https, http = free_port(), free_port()
+        site = open(os.path.join(ROOT, "deploy", "nginx.conf")).read()
+        for old, new in [
+            ("listen 443 ssl", f"listen 127.0.0.1:{https} ssl"),
+            ("listen 80;", f"listen 127.0.0.1:{http};"),
+            ("/etc/nginx/tls/CHANGE_ME.crt", str(tmp_path / "t.crt")),
+            ("/etc/nginx/tls/CHANGE_ME.key", str(tmp_path / "t.key")),
+            ("/var/log/nginx/", f"{tmp_path}/"),
+            ("server 127.0.0.1:12123", f"server 127.0.0.1:{backend_port}"),
+        ]:
+            assert old in site, old
+            site = site.replace(old, new)
+        (tmp_path / "site.conf").write_text(site)
+        temp = "".join(f"{k}_temp_path {tmp_path}/{k};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (tmp_path / "nginx.conf").write_text(
+            f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/main-error.log;\nevents {{}}\n"
+            f"http {{\n{temp}access_log off;\ninclude {tmp_path}/site.conf;\n}}\n"
+        )
+        check = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        proc = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"])
+        procs.append(proc)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(tmp_path / "nginx.pid") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return https, str(tmp_path / "wechat-token-server.access.log")
+
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait(10)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_nginx_proxies_over_tls_and_logs_no_query_string(make_config, start_server, nginx_for, sandbox):
+    srv = await start_server(make_config())
+    https, access_log = nginx_for(srv.port)
+    client = AsyncHTTPClient(force_instance=True)
+    url = f"https://127.0.0.1:{https}/wechat/token?type=access_token&secret={TEST_SECRET}"
+    for _ in range(50):  # nginx may need a moment to bind
+        resp = await client.fetch(url, validate_cert=False, raise_error=False)
+        if resp.code != 599:
+            break
+        time.sleep(0.1)
+    assert resp.code == 200
+    assert b'"access_token"' in resp.body and sandbox.current_token().encode() in resp.body
+    resp = await client.fetch(f"https://127.0.0.1:{https}/wechat/token?type=access_token&secret=wrong", validate_cert=False, raise_error=False)
+    assert resp.code == 403 and resp.body.startswith(b'{"errcode": 403')
+    client.close()
+    time.sleep(0.2)
+    log = open(access_log).read()
+    assert "GET /wechat/token HTTP/" in log and " 200 " in log and " 403 " in log
+    assert TEST_SECRET not in log and "secret=" not in log and "wrong" not in log
