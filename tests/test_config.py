@@ -161,3 +161,16 @@ def test_unknown_key_error_lists_known_keys() -> None:
 def test_config_error_is_no_config_for_a_non_mapping_section() -> None:
     with pytest.raises(ConfigError, match=r"^refresh: must be a mapping"):
         parse_config(config_text(refresh=[1, 2]), {})
+
+
+def test_readme_documents_every_config_key() -> None:
+    import dataclasses
+
+    from server.config import Config, RedisConfig, RefreshConfig, ServerConfig, SourceConfig
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    keys = [f"`{section}.{f.name}`" for section, cls in (("server", ServerConfig), ("redis", RedisConfig), ("refresh", RefreshConfig)) for f in dataclasses.fields(cls)]
+    keys += [f"`sources.NAME.{f.name}`" for f in dataclasses.fields(SourceConfig) if f.name != "name"]
+    keys += [f"`{f.name}`" for f in dataclasses.fields(Config)]
+    missing = [k for k in keys if k not in readme]
+    assert not missing, f"README's configuration table lacks {missing}"
