@@ -171,6 +171,6 @@ def test_readme_documents_every_config_key() -> None:
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     keys = [f"`{section}.{f.name}`" for section, cls in (("server", ServerConfig), ("redis", RedisConfig), ("refresh", RefreshConfig)) for f in dataclasses.fields(cls)]
     keys += [f"`sources.NAME.{f.name}`" for f in dataclasses.fields(SourceConfig) if f.name != "name"]
-    keys += [f"`{f.name}`" for f in dataclasses.fields(Config)]
+    keys += [f"`{f.name}`" for f in dataclasses.fields(Config) if f.name not in ("server", "redis", "refresh", "sources")]
     missing = [k for k in keys if k not in readme]
     assert not missing, f"README's configuration table lacks {missing}"
