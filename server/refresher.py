@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 _CHINA = datetime.timezone(datetime.timedelta(hours=8))
 BACKOFF_BASE = 1.0  # seconds before the first retry (before jitter)
+REDIS_RETRY_DELAY = 1.0  # seconds during which reads skip Redis after it failed
 
 
 def next_quota_reset(now: float) -> float:
@@ -101,6 +102,7 @@ class Refresher:
         self._timer: PeriodicCallback | None = None
         self._tasks: set[asyncio.Future[Any]] = set()  # ticks, retries, wake-ups under way
         self._redis_down_logged = False
+        self._redis_retry_at = 0.0  # monotonic time before which reads skip Redis
         #: a lock outlives every call a flight makes: a dependency's plus two of its own
         self.lock_lease = 3 * cfg.timeout + 5
 
@@ -183,9 +185,14 @@ class Refresher:
 
     async def _read(self, name: str) -> Snapshot | None:
         """Redis's snapshot, adopted into memory; None when Redis is unreachable."""
+        if time.monotonic() < self._redis_retry_at:
+            return None
         try:
             snap = await self.store.read(name)
         except RedisError as e:
+            # Skip Redis for a second: requests answer from memory at once instead of
+            # each waiting for a connect timeout, and nothing hammers a dead Redis.
+            self._redis_retry_at = time.monotonic() + REDIS_RETRY_DELAY
             if not self._redis_down_logged:
                 logger.error("redis unreachable (%s): serving values held in memory", type(e).__name__)
                 self._redis_down_logged = True

@@ -215,6 +215,10 @@ class Sandbox:
         chain = self._chains.get(("token", appid))
         return chain[-1] if chain else None
 
+    def issued_values(self) -> set[str]:
+        """Every token and ticket value handed out since the last reset (for leak checks)."""
+        return set(self._tokens) | set(self._tickets)
+
     def stats(self) -> JSONDict:
         """``{"calls": {path: n}, "issued": {path: n}}``, JSON-able."""
         return {"calls": dict(self.calls), "issued": dict(self.issued)}

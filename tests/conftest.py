@@ -65,8 +65,7 @@ class SecretWatch(logging.Handler):
         """Log lines (from index ``since``) containing a secret or a whole token."""
         values = set(self.secrets)
         for sb in self.sandboxes:
-            values.update(sb._tokens)  # every token and ticket value it ever issued
-            values.update(sb._tickets)
+            values.update(sb.issued_values())
         return [line for line in self.records[since:] if any(v and v in line for v in values)]
 
 
