@@ -35,7 +35,8 @@ from redis.exceptions import RedisError
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from server.config import RefreshConfig
-from server.sources import Source
+from server.metrics import Metrics
+from server.sources import Fetched, Source
 from server.store import Entry, Snapshot, Store
 from server.upstream import ErrorKind, Upstream, UpstreamError
 
@@ -93,11 +94,14 @@ class Refresher:
         store: Store,
         upstream: Upstream,
         cfg: RefreshConfig,
+        metrics: Metrics | None = None,
     ) -> None:
         self.sources = dict(sources)  # in dependency order
         self.store = store
         self.upstream = upstream
         self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        self.metrics.watch(self.status)
         self.states = {name: SourceState() for name in self.sources}
         self._timer: PeriodicCallback | None = None
         self._tasks: set[asyncio.Future[Any]] = set()  # ticks, retries, wake-ups under way
@@ -383,14 +387,12 @@ class Refresher:
         logger.info("source %s: new value %s... stored, life %.0fs", name, stored.value[:6], life)
         return stored
 
-    async def _call_upstream(self, name: str, force: bool) -> Any:
+    async def _call_upstream(self, name: str, force: bool) -> Fetched:
         """One upstream call with dependencies filled in; on a stale dependency, one retry."""
         source = self.sources[name]
         values = {dep: (await self._dependency(dep)).value for dep in source.deps}
-        state = self.states[name]
         try:
-            state.upstream_calls += 1
-            return await self.upstream.fetch(source, source.build_request(values, force))
+            return await self._upstream_fetch(source, values, force)
         except UpstreamError as e:
             if e.kind is not ErrorKind.STALE_TOKEN:
                 raise
@@ -399,8 +401,20 @@ class Refresher:
             # someone else already rotated it, we simply take the new one.
             for dep in source.deps:
                 values[dep] = (await self.refresh(dep, force=True, old=values[dep], min_interval=False, unblock=False)).value
-            state.upstream_calls += 1
+            return await self._upstream_fetch(source, values, force)
+
+    async def _upstream_fetch(self, source: Source, values: dict[str, str], force: bool) -> Fetched:
+        """One counted, timed upstream call."""
+        self.states[source.name].upstream_calls += 1
+        started = time.monotonic()
+        result = "ok"
+        try:
             return await self.upstream.fetch(source, source.build_request(values, force))
+        except UpstreamError as e:
+            result = e.kind.value
+            raise
+        finally:
+            self.metrics.observe_upstream(source.name, result, time.monotonic() - started)
 
     async def _dependency(self, dep: str) -> Entry:
         """A valid value of ``dep`` for a dependent's request.
