@@ -34,12 +34,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, cfg: Config | None = None) -> logging.Filter | None:
+    """Log to stderr; with ``cfg``, mask its secrets in every record (server.redact).
+
+    Called once at start (no config yet) and again once the config is loaded.  Returns
+    the installed filter, if any.
+    """
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if cfg is None:
+        return None
+    from server.redact import install
+
+    return install(cfg)
 
 
 DEMO_CONFIG = """
@@ -49,7 +59,7 @@ refresh: {{interval: 60, ahead: 600, max_ttl: 7000, timeout: 10}}
 sources:
   access_token:
     url: {sandbox}/cgi-bin/token
-    args: {{grant_type: client_credential, appid: wx123, secret: "{appsecret}"}}
+    args: {{grant_type: client_credential, appid: {appid}, secret: "{appsecret}"}}
   ticket:
     url: {sandbox}/cgi-bin/ticket/getticket
     args: {{type: jsapi, access_token: <<access_token>>}}
@@ -89,10 +99,11 @@ async def run_demo(port: int) -> int:
     secret = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="token-server-demo-") as data_dir:
         cfg = parse_config(
-            DEMO_CONFIG.format(port=port, secret=secret, data_dir=data_dir, sandbox=sandbox_url, appsecret=appsecret),
+            DEMO_CONFIG.format(port=port, secret=secret, data_dir=data_dir, sandbox=sandbox_url, appid=appid, appsecret=appsecret),
             env={},
             source="demo config",
         )
+        setup_logging(logging.getLevelName(logging.getLogger().level), cfg)
 
         def ready(running: Running) -> None:
             redis_port = running.embedded.port if running.embedded else 6379
@@ -114,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    setup_logging(args.log_level, cfg)
     if args.port is not None:
         import dataclasses
 

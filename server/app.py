@@ -95,7 +95,8 @@ async def start(cfg: Config) -> Running:
     await refresher.start()
     logger.info("first refresh pass done in %.2fs: %s", time.monotonic() - started, _summary(refresher))
     active = ActiveRequests()
-    http = HTTPServer(make_app(refresher, Authenticator(cfg), active))
+    # The API takes no body: refuse big ones early, and do not wait long for slow ones.
+    http = HTTPServer(make_app(refresher, Authenticator(cfg), active), max_body_size=4096, body_timeout=10, idle_connection_timeout=60)
     sockets = tornado.netutil.bind_sockets(cfg.server.port, cfg.server.host)
     http.add_sockets(sockets)
     port = sockets[0].getsockname()[1]

@@ -1,74 +1,242 @@
-"""Who is calling: the request secret, named clients and their sources.
+"""Who is calling, from where, and whether they may: IP rules, brute-force limit, credentials.
 
-A caller presents a secret as the ``secret`` query argument, the ``X-Token-Secret``
-header or ``Authorization: Bearer S``.  It is compared with every configured secret
-with ``hmac.compare_digest`` (constant time, and every candidate is compared so the
-time does not tell which one nearly matched).
+The gate a request passes, in this order (handlers call it from ``prepare``):
+
+1. **Client IP** (:meth:`Authenticator.client_ip`): the direct peer, unless that peer is
+   in ``server.trusted_proxies``; then ``X-Real-IP``, else the right-most address of
+   ``X-Forwarded-For`` that is not itself a trusted proxy.  Values that do not parse as
+   an IP address are ignored (the peer is used).
+2. **IP allowlist** (:meth:`Authenticator.check_ip`): ``server.allow_ips``, addresses and
+   CIDR ranges compared as networks by :mod:`ipaddress` (never as text).  403 before
+   anything else, so a refused IP learns nothing.
+3. **Brute force**: an IP with ``server.auth_failures_per_minute`` failed
+   authentications in its current minute gets 429 (with ``Retry-After``) for every
+   request, the right secret included, until that minute is over.
+4. **Credential** (:meth:`Authenticator.authenticate`): a secret in ``X-Token-Secret``,
+   ``Authorization: Bearer S`` or the ``secret`` query argument, compared with every
+   configured secret by ``hmac.compare_digest`` over SHA-256 digests (constant time; every
+   candidate is compared so the time does not tell which nearly matched).  With ``jwt``
+   configured, a bearer value shaped like a JWT is verified as one by PyJWT instead.  None
+   presented: 401; a wrong one: 403, counted by the brute-force limit.
+
+Forced refreshes are limited per client (:meth:`Authenticator.check_forcerefresh`).
+
+The limits live in this process (:mod:`server.ratelimit`), so the auth path never needs
+Redis; with N instances the effective limits are N times the configured ones.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import jwt
 from tornado.httputil import HTTPServerRequest
 
 from server.config import Config
+from server.ratelimit import RateLimiter
+from server.redact import Redactor, config_secrets
+
+logger = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Three base64url parts (the signature may be empty, as in an ``alg: none`` token).
+JWT_SHAPE_RE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+#: What a JWT ``sub`` may look like to be shown in logs as is.
+_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9_.@:+-]{1,64}$")
+#: An IPv6 client is limited per /64: one host usually owns a whole /64.
+IPV6_LIMIT_PREFIX = 64
+WINDOW = 60.0  # seconds: the limits are configured "per minute"
 
 
 class AuthError(Exception):
-    """Authentication failed: ``status`` (401 / 403) and a short reason for the client."""
+    """The request may not go on: ``status`` (400 / 401 / 403 / 429), a short ``reason`` for
+    the client, ``detail`` for the log only, ``retry_after`` seconds for a 429."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, detail: str = "", retry_after: float | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.detail = detail or reason
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller: ``name`` for logs, ``sources`` it may use (None: all)."""
+    """An authenticated caller: ``name`` for logs, ``sources`` it may use (None: all),
+    ``via`` how it proved itself ("secret" or "jwt")."""
 
     name: str
     sources: frozenset[str] | None = None
+    via: str = "secret"
 
     def may_use(self, source: str) -> bool:
         return self.sources is None or source in self.sources
 
 
-def presented_secret(request: HTTPServerRequest) -> str | None:
-    """The secret from the query, X-Token-Secret, or Authorization: Bearer; None if absent."""
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
-    header = request.headers.get("X-Token-Secret")
+def parse_ip(text: str | None) -> IPAddress | None:
+    """An address from a header or the peer, IPv4-mapped IPv6 unwrapped; None if it is not one."""
+    if not text:
+        return None
+    try:
+        ip = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+
+
+def _single(request: HTTPServerRequest, header: str) -> str | None:
+    """A header's one value; None when absent; AuthError(400) when sent more than once."""
+    values = request.headers.get_list(header)
+    if len(values) > 1:
+        raise AuthError(400, f"repeated {header} header")
+    return values[0] if values else None
+
+
+def presented_credential(request: HTTPServerRequest) -> tuple[str, str] | None:
+    """``(where, value)`` of the credential: Authorization Bearer, X-Token-Secret or the
+    ``secret`` query argument, first found in that order; None if absent.
+
+    A repeated header or argument is AuthError(400): two proxies could each pick a
+    different one, so the request is ambiguous.
+    """
+    auth = _single(request, "Authorization")
+    if auth is not None and auth[:7].lower() == "bearer ":
+        value = auth[7:].strip()
+        if value:
+            return "bearer", value
+    header = _single(request, "X-Token-Secret")
     if header:
-        return header
+        return "header", header
     values = request.query_arguments.get("secret")
     if values:
-        return values[-1].decode("utf-8", "replace")
+        if len(values) > 1:
+            raise AuthError(400, "repeated argument secret")
+        if values[0]:
+            return "query", values[0].decode("utf-8", "replace")
     return None
 
 
-class Authenticator:
-    """Maps a presented secret to a Principal."""
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
-    def __init__(self, cfg: Config) -> None:
+
+def _printable(text: str, limit: int = 64) -> str:
+    """``text`` safe for one log line: non-printables as ``?``, at most ``limit`` characters."""
+    if _SAFE_NAME_RE.match(text):
+        return text
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
+class Authenticator:
+    """The gate described in the module docstring, built from the config.
+
+    ``clock`` (seconds, default ``time.monotonic``) drives both rate limiters; the
+    limiters are public (``failures``, ``forced``) so a test can give them a fake clock.
+    """
+
+    def __init__(self, cfg: Config, clock: Callable[[], float] = time.monotonic) -> None:
         # Digests, not the secrets: equal-length inputs for compare_digest, and a repr
         # or a heap dump of this object shows no secret.
         self._secrets: list[tuple[bytes, Principal]] = [(_digest(cfg.server.secret), Principal("default"))]
+        self._clients: dict[str, Principal] = {}
         for client in cfg.clients:
-            self._secrets.append((_digest(client.secret), Principal(client.name, frozenset(client.sources))))
+            principal = Principal(client.name, frozenset(client.sources))
+            self._clients[client.name] = principal
+            self._secrets.append((_digest(client.secret), principal))
+        self._jwt = cfg.jwt
+        self._sources = frozenset(cfg.sources)
+        self._allow = _networks(cfg.server.allow_ips)
+        self._trusted = _networks(cfg.server.trusted_proxies)
+        self.failures = RateLimiter(cfg.server.auth_failures_per_minute, WINDOW, clock=clock)
+        self.forced = RateLimiter(cfg.server.forcerefresh_per_minute, WINDOW, max_keys=100_000, clock=clock)
+        #: masks configured secrets in texts that came from upstream (see server.redact)
+        self.redact = Redactor(config_secrets(cfg))
 
     def __repr__(self) -> str:
-        return f"Authenticator({len(self._secrets)} secrets)"
+        return f"Authenticator({len(self._secrets)} secrets, jwt={'on' if self._jwt else 'off'})"
 
-    def authenticate(self, request: HTTPServerRequest) -> Principal:
-        """The caller, or AuthError(401) with no secret, AuthError(403) with a wrong one."""
-        secret = presented_secret(request)
-        if secret is None:
+    # --- where from ----------------------------------------------------------------------
+
+    def _is_trusted(self, ip: IPAddress) -> bool:
+        return any(ip in net for net in self._trusted)
+
+    def client_ip(self, request: HTTPServerRequest) -> str:
+        """The client's address as text (see the module docstring)."""
+        peer = parse_ip(request.remote_ip)
+        if peer is None:
+            return request.remote_ip or "-"  # a unix socket: nothing to believe or check
+        if not self._is_trusted(peer):
+            return str(peer)
+        real = request.headers.get_list("X-Real-IP")
+        if len(real) == 1 and (ip := parse_ip(real[0])) is not None:
+            return str(ip)
+        hops = ",".join(request.headers.get_list("X-Forwarded-For")).split(",")
+        found: IPAddress | None = None
+        for hop in reversed(hops):
+            if not hop.strip():
+                continue
+            ip = parse_ip(hop)
+            if ip is None:
+                return str(peer)  # garbage where the client should be: believe nothing
+            if not self._is_trusted(ip):
+                return str(ip)
+            found = ip
+        return str(found or peer)  # every hop a trusted proxy: the first one is the client
+
+    def check_ip(self, ip: str) -> None:
+        """AuthError(403) unless ``ip`` is in ``server.allow_ips`` (empty: any IP)."""
+        if not self._allow:
+            return
+        addr = parse_ip(ip)
+        if addr is None or not any(addr in net for net in self._allow):
+            raise AuthError(403, "ip not allowed", f"ip {_printable(ip)} not in server.allow_ips")
+
+    @staticmethod
+    def limit_key(ip: str) -> str:
+        """The brute-force key of an IP: the address, or its /64 for IPv6."""
+        addr = parse_ip(ip)
+        if isinstance(addr, ipaddress.IPv6Address):
+            return str(ipaddress.IPv6Network((addr, IPV6_LIMIT_PREFIX), strict=False))
+        return str(addr) if addr is not None else ip
+
+    # --- who -----------------------------------------------------------------------------
+
+    def authenticate(self, request: HTTPServerRequest, ip: str) -> Principal:
+        """The caller, or AuthError: 429 while ``ip`` is over its failure limit, 400 for an
+        ambiguous credential, 401 for none, 403 for a wrong one (counted against ``ip``)."""
+        key = self.limit_key(ip)
+        wait = self.failures.retry_after(key)
+        if wait > 0:
+            raise AuthError(429, "too many failed authentications", f"ip {key} over its failure limit", retry_after=wait)
+        credential = presented_credential(request)
+        if credential is None:
             raise AuthError(401, "missing secret")
+        where, value = credential
+        try:
+            if where == "bearer" and self._jwt is not None and JWT_SHAPE_RE.match(value):
+                return self._verify_jwt(value)
+            return self._match_secret(value)
+        except AuthError as e:
+            self.failures.hit(key)
+            e.detail = f"{e.detail} ({where}) from {ip}"
+            raise
+
+    def _match_secret(self, secret: str) -> Principal:
         presented = _digest(secret)
         found = None
         for digest, principal in self._secrets:
@@ -78,6 +246,47 @@ class Authenticator:
             raise AuthError(403, "wrong secret")
         return found
 
+    def _verify_jwt(self, token: str) -> Principal:
+        """A Principal from a valid HS256 JWT, or AuthError(403).
 
-def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+        The key comes from ``jwt.keys`` by the ``kid`` header; PyJWT checks the signature
+        (HS256 only: ``none`` and RS256 are refused), ``exp`` (required, with
+        ``jwt.leeway``), ``aud`` and that ``sub`` is present.  Scope: the client named by
+        ``sub`` if there is one, else the ``sources`` claim within the configured sources,
+        else nothing.
+        """
+        assert self._jwt is not None
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise AuthError(403, "invalid token", "jwt: unreadable header") from None
+        key = self._jwt.keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise AuthError(403, "invalid token", f"jwt: unknown kid {_printable(str(kid))}")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=["HS256"],
+                audience=self._jwt.audience,
+                options={"require": ["exp", "aud", "sub"]},
+                leeway=self._jwt.leeway,
+            )
+        except (jwt.PyJWTError, ValueError, TypeError) as e:
+            # PyJWT's messages name the failed check, never the token or the key.
+            raise AuthError(403, "invalid token", f"jwt (kid {kid}): {type(e).__name__}: {e}") from None
+        sub = _printable(str(claims["sub"]))
+        client = self._clients.get(sub)
+        if client is not None:
+            return Principal(sub, client.sources, via="jwt")
+        claimed = claims.get("sources")
+        names = claimed if isinstance(claimed, list) else []
+        return Principal(sub, frozenset(n for n in names if isinstance(n, str)) & self._sources, via="jwt")
+
+    # --- how often -----------------------------------------------------------------------
+
+    def check_forcerefresh(self, principal: Principal) -> None:
+        """Count one forced refresh that may call upstream; AuthError(429) past the limit."""
+        wait = self.forced.acquire(principal.name)
+        if wait > 0:
+            raise AuthError(429, "too many forced refreshes", f"client {principal.name} over its forced refresh limit", retry_after=wait)

@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 TEMPLATE_RE = re.compile(r"<<\s*([^<>\s]*)\s*>>")
 #: Source names become Redis keys and query values: keep them boring.
 SOURCE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+#: Client names appear in every access log line: keep them boring too.
+CLIENT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 #: Request secrets that are obviously examples.  Compared case-insensitively.
@@ -50,18 +52,21 @@ class ConfigError(Exception):
     """A config problem, as one line naming the key and the fix."""
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:
-    """Declare a config key: its default (or ``factory`` for a mutable one) and its help."""
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, secret: bool = False) -> Any:
+    """Declare a config key: its default (or ``factory`` for a mutable one) and its help.
+
+    ``secret=True`` keeps the value out of the dataclass's repr.
+    """
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=factory, repr=not secret, metadata={"help": help})
+    return field(default=default, repr=not secret, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = opt("127.0.0.1", "address the HTTP server binds; keep 127.0.0.1 behind nginx")
     port: int = opt(12123, "TCP port of the HTTP server")
-    secret: str = opt("", "request secret clients present (at least 16 characters; use ${ENV_VAR})")
+    secret: str = opt("", "request secret clients present (at least 16 characters; use ${ENV_VAR})", secret=True)
     allow_ips: list[str] = opt(help="client IPs or CIDR ranges allowed to call (empty: any)", factory=list)
     trusted_proxies: list[str] = opt(
         help="peers (IPs/CIDRs) whose X-Real-IP / X-Forwarded-For are believed", factory=lambda: ["127.0.0.1", "::1"]
@@ -75,15 +80,15 @@ class ServerConfig:
 class SentinelConfig:
     hosts: list[str] = opt(help='sentinels as "host:port"', factory=list)
     service_name: str = opt("mymaster", "the monitored primary's name")
-    password: str | None = opt(None, "password of the Redis primary and replicas")
-    sentinel_password: str | None = opt(None, "password of the sentinels themselves")
+    password: str | None = opt(None, "password of the Redis primary and replicas", secret=True)
+    sentinel_password: str | None = opt(None, "password of the sentinels themselves", secret=True)
 
 
 @dataclass(frozen=True)
 class RedisConfig:
-    url: str | None = opt(None, "redis:// or rediss:// URL; leave out to start an embedded redis-server")
+    url: str | None = opt(None, "redis:// or rediss:// URL; leave out to start an embedded redis-server", secret=True)
     prefix: str = opt("", 'key prefix; "" keeps the plain keys access_token, ticket')
-    password: str | None = opt(None, "Redis password (or put it in the URL)")
+    password: str | None = opt(None, "Redis password (or put it in the URL)", secret=True)
     data_dir: str = opt("./data", "embedded Redis: directory of its append-only file")
     port: int = opt(0, "embedded Redis: port on 127.0.0.1 (0 picks a free one)")
     socket_timeout: float = opt(2.0, "seconds before a Redis command counts as failed")
@@ -104,23 +109,23 @@ class RefreshConfig:
 class SourceConfig:
     url: str = opt(help="upstream URL, http:// or https://")
     method: str = opt("GET", "GET sends args as the query; POST sends json as the body")
-    args: dict[str, Any] = opt(help="query arguments; <<name>> is replaced by source name's value", factory=dict)
-    json: dict[str, Any] | None = opt(None, "POST body, templated like args")
+    args: dict[str, Any] = opt(help="query arguments; <<name>> is replaced by source name's value", factory=dict, secret=True)
+    json: dict[str, Any] | None = opt(None, "POST body, templated like args", secret=True)
     field: str | None = opt(None, "response field holding the value (default: access_token if present, else ticket)")
-    force: dict[str, Any] = opt(help="merged into args/json on a forced refresh, e.g. {force_refresh: true}", factory=dict)
+    force: dict[str, Any] = opt(help="merged into args/json on a forced refresh, e.g. {force_refresh: true}", factory=dict, secret=True)
     name: str = opt("", "set from the mapping key")
 
 
 @dataclass(frozen=True)
 class ClientConfig:
     name: str = opt(help="client name shown in logs")
-    secret: str = opt(help="this client's request secret (at least 16 characters)")
+    secret: str = opt(help="this client's request secret (at least 16 characters)", secret=True)
     sources: list[str] = opt(help="sources this client may read and force-refresh", factory=list)
 
 
 @dataclass(frozen=True)
 class JwtConfig:
-    keys: dict[str, str] = opt(help="HS256 keys by kid", factory=dict)
+    keys: dict[str, str] = opt(help="HS256 keys by kid (at least 32 characters each)", factory=dict, secret=True)
     audience: str = opt("wechat-token-server", "required aud claim")
     leeway: float = opt(30.0, "seconds of clock skew tolerated on exp/nbf")
 
@@ -307,6 +312,15 @@ def check_secret(path: str, secret: str) -> None:
         raise ConfigError(f"{path}: shorter than {MIN_SECRET_LENGTH} characters; use a longer random secret")
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _check_networks(path: str, values: list[str]) -> None:
     for i, v in enumerate(values):
         try:
@@ -322,6 +336,17 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("server.port: must be between 1 and 65535")
     _check_networks("server.allow_ips", cfg.server.allow_ips)
     _check_networks("server.trusted_proxies", cfg.server.trusted_proxies)
+    for key in ("auth_failures_per_minute", "forcerefresh_per_minute"):
+        if getattr(cfg.server, key) < 1:
+            raise ConfigError(f"server.{key}: must be at least 1")
+    if cfg.server.shutdown_timeout < 0:
+        raise ConfigError("server.shutdown_timeout: must be a non-negative number of seconds")
+    if not cfg.server.allow_ips and not _is_loopback(cfg.server.host):
+        logger.warning(
+            "server.host %s accepts connections from other machines and server.allow_ips is empty; "
+            "bind 127.0.0.1 behind a TLS proxy, or list the business servers in allow_ips",
+            cfg.server.host,
+        )
     r = cfg.refresh
     for key in ("interval", "ahead", "max_ttl", "timeout"):
         if getattr(r, key) <= 0:
@@ -359,12 +384,21 @@ def validate(cfg: Config) -> Config:
         named[name] = dataclasses.replace(src, name=name, method=method)
     order = dependency_order(named)
     seen = set()
+    secrets_seen = {cfg.server.secret: "server.secret"}
     for i, client in enumerate(cfg.clients):
         path = f"clients[{i}]"
         if not client.name or client.name in seen:
             raise ConfigError(f"{path}.name: give each client a unique name")
+        if not CLIENT_NAME_RE.match(client.name) or client.name == "default":
+            raise ConfigError(
+                f"{path}.name: letters, digits, _ . - (at most 64), starting with a letter; "
+                '"default" is taken by server.secret'
+            )
         seen.add(client.name)
         check_secret(f"{path}.secret", client.secret)
+        if client.secret in secrets_seen:
+            raise ConfigError(f"{path}.secret: same as {secrets_seen[client.secret]}; give each client its own secret")
+        secrets_seen[client.secret] = f"{path}.secret"
         for s in client.sources:
             if s not in named:
                 raise ConfigError(f"{path}.sources: {s!r} is no source (known: {', '.join(named)})")
@@ -372,8 +406,13 @@ def validate(cfg: Config) -> Config:
         if not cfg.jwt.keys:
             raise ConfigError("jwt.keys: give at least one kid: key, or remove jwt")
         for kid, key in cfg.jwt.keys.items():
+            check_secret(f"jwt.keys.{kid}", key)
             if len(key) < 32:
                 raise ConfigError(f"jwt.keys.{kid}: an HS256 key needs at least 32 characters")
+        if not cfg.jwt.audience:
+            raise ConfigError("jwt.audience: must not be empty; e.g. wechat-token-server")
+        if not 0 <= cfg.jwt.leeway <= 300:
+            raise ConfigError("jwt.leeway: must be between 0 and 300 seconds")
     return dataclasses.replace(cfg, sources={n: named[n] for n in order})
 
 

@@ -2,25 +2,39 @@
 
 Handlers never call WeChat: they read through the refresher (``current``) or ask it for a
 forced refresh.  Every error is JSON ``{"errcode": <HTTP status>, "errmsg": "..."}``
-written by the one ``write_error`` below.
+written by the one ``write_error`` below; a 429 also carries ``Retry-After`` (seconds).
+
+Every request passes the gate in ``BaseHandler.prepare`` (see :mod:`server.auth`): IP
+allowlist (403), brute-force limit (429), credential (401 / 403), then its query
+arguments: each endpoint accepts only the arguments it documents, once each, as UTF-8 of
+at most ``MAX_ARG_BYTES``; anything else is a 400 naming the argument.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import re
 from typing import Any
 
 import tornado.web
 from redis.exceptions import RedisError
 
 from server.auth import Authenticator, AuthError, Principal
+from server.ratelimit import retry_after_header
 from server.refresher import Refresher, Unavailable
 from server.store import Entry
 from server.upstream import UpstreamError
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("token_server.access")
+
+#: Longest query argument value accepted (a token is at most 2048 characters, see sources).
+MAX_ARG_BYTES = 4096
+#: Argument names shown in errors and logs.  At most 15 characters: every configured secret
+#: has at least 16, so a secret sent as a name (``?S3CR3T...``) is never echoed or logged.
+_ARG_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 
 class ActiveRequests:
@@ -49,11 +63,23 @@ class ActiveRequests:
             return False
 
 
+class Refused(tornado.web.HTTPError):
+    """An HTTPError from the gate; ``retry_after`` (seconds) goes out as ``Retry-After``."""
+
+    def __init__(self, err: AuthError) -> None:
+        super().__init__(err.status, "%s", err.detail, reason=err.reason)
+        self.retry_after = err.retry_after
+
+
 class BaseHandler(tornado.web.RequestHandler):
-    """JSON errors for every handler; authentication in ``prepare``."""
+    """JSON errors for every handler; the gate (IP, brute force, credential, arguments) in ``prepare``."""
 
     needs_auth = True
+    check_ip = True
+    #: query arguments this endpoint accepts besides ``secret``
+    arguments: frozenset[str] = frozenset()
     principal: Principal | None = None
+    ip: str | None = None
 
     def initialize(self, refresher: Refresher, auth: Authenticator, active: ActiveRequests) -> None:
         self.refresher = refresher
@@ -73,18 +99,49 @@ class BaseHandler(tornado.web.RequestHandler):
         self.clear_header("Server")
 
     def prepare(self) -> None:
-        if self.needs_auth:
+        self.gate()
+        self.check_arguments()
+
+    def gate(self) -> None:
+        """IP allowlist, then brute-force limit and credential (see server.auth for the order)."""
+        try:
+            if self.check_ip:
+                self.ip = self.auth.client_ip(self.request)
+                self.auth.check_ip(self.ip)
+            if self.needs_auth:
+                self.principal = self.auth.authenticate(self.request, self.ip or self.request.remote_ip or "-")
+        except AuthError as e:
+            raise Refused(e) from None
+
+    def check_arguments(self) -> None:
+        """400 for an argument this endpoint does not take, a repeated one, or a value that
+        is too long or not UTF-8: ambiguity is refused, never guessed at."""
+        for name, values in self.request.query_arguments.items():
+            shown = name if _ARG_NAME_RE.match(name) else "?"
+            if name not in self.arguments and name != "secret":
+                raise tornado.web.HTTPError(400, reason=f"unknown argument {shown}")
+            if len(values) > 1:
+                raise tornado.web.HTTPError(400, reason=f"repeated argument {shown}")
+            if len(values[0]) > MAX_ARG_BYTES:
+                raise tornado.web.HTTPError(400, reason=f"argument {shown} too long")
             try:
-                self.principal = self.auth.authenticate(self.request)
-            except AuthError as e:
-                raise tornado.web.HTTPError(e.status, "auth failed: %s", e.reason, reason=e.reason) from None
+                values[0].decode("utf-8")
+            except UnicodeDecodeError:
+                raise tornado.web.HTTPError(400, reason=f"argument {shown} is not UTF-8") from None
+
+    def argument(self, name: str) -> str | None:
+        """A query argument checked by check_arguments; None when absent."""
+        values = self.request.query_arguments.get(name)
+        return values[-1].decode("utf-8") if values else None
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """Tornado's version prints the full URI, query string (and secret) included."""
-        where = f"{self.request.method} {self.request.path}"
+        where = f"{self.request.method} {_printable(self.request.path)}"
         if isinstance(value, tornado.web.HTTPError):
             if value.log_message:
-                logger.warning("%d %s: %s", value.status_code, where, value.log_message % value.args)
+                # Tornado's own HTTPErrors may hold a message with a stray % and no args.
+                detail = value.log_message % value.args if value.args else value.log_message
+                logger.warning("%d %s: %s", value.status_code, where, detail)
         else:
             logger.error("uncaught exception in %s", where, exc_info=(typ, value, tb))
 
@@ -92,20 +149,24 @@ class BaseHandler(tornado.web.RequestHandler):
         """``{"errcode": status, "errmsg": reason}``; never a traceback or an internal message.
 
         The reason is the HTTPError's ``reason`` (set by our own handlers for clients) or
-        the standard phrase for the status; ``log_message`` goes to the log only.
+        the standard phrase for the status; ``log_message`` goes to the log only.  A 429
+        says when to come back in ``Retry-After`` (whole seconds).
         """
         reason = self._reason if status_code != 500 else "internal error"
+        exc = kwargs.get("exc_info", (None, None, None))[1]
         self.clear()
         self.set_default_headers()
         self.set_status(status_code)
+        retry_after = getattr(exc, "retry_after", None)
+        if status_code == 429 and isinstance(retry_after, (int, float)):
+            self.set_header("Retry-After", retry_after_header(retry_after))
         self.finish({"errcode": status_code, "errmsg": reason})
 
     def source_name(self) -> str:
         """The ``type`` argument, checked against the configured sources (400 / 404 / 403)."""
-        names = self.request.query_arguments.get("type")
-        if not names or not names[-1]:
+        name = self.argument("type")
+        if not name:
             raise tornado.web.HTTPError(400, reason="missing type")
-        name = names[-1].decode("utf-8", "replace")
         if name not in self.refresher.sources:
             # Only configured names go any further: `type` never reaches Redis or a URL.
             raise tornado.web.HTTPError(404, reason="unknown type")
@@ -118,6 +179,8 @@ class BaseHandler(tornado.web.RequestHandler):
 
 
 class TokenHandler(BaseHandler):
+    arguments = frozenset({"type"})
+
     async def get(self) -> None:
         """The current value.
 
@@ -134,27 +197,57 @@ class TokenHandler(BaseHandler):
 
 
 class ForceRefreshHandler(BaseHandler):
+    arguments = frozenset({"type", "old"})
+
     async def get(self) -> None:
         """A new value now, unless ``old`` shows someone already rotated it.
 
         ``GET /wechat/token/forcerefresh?type=access_token&old=OLD_TOKEN`` ->
         ``200 {"access_token": "NEW_TOKEN", "expires_in": 7000}``.  With ``old`` no longer
         current, or within ``refresh.force_min_interval`` of the last fetch, nothing is
-        fetched and the current value is returned.
+        fetched and the current value is returned.  Past ``server.forcerefresh_per_minute``
+        for this client: ``429`` with ``Retry-After``; a request whose ``old`` is stale is
+        a plain read and is not counted.
         """
         name = self.source_name()
-        olds = self.request.query_arguments.get("old")
-        old = olds[-1].decode("utf-8", "replace") if olds else None
+        old = self.argument("old")
         who = self.principal.name if self.principal else "-"
+        if self.principal is not None and not await self._is_stale(name, old):
+            try:
+                self.auth.check_forcerefresh(self.principal)
+            except AuthError as e:
+                raise Refused(e) from None
         try:
             entry = await self.refresher.refresh(name, force=True, old=old)
         except (UpstreamError, Unavailable, RedisError) as e:
             raise tornado.web.HTTPError(503, "forced refresh of %s by %s failed: %s", name, who, e, reason="refresh failed: upstream is failing") from None
         self.write_entry(entry)
 
+    async def _is_stale(self, name: str, old: str | None) -> bool:
+        """Whether ``old`` is not the current value, so the refresh is a read that cannot reach upstream.
+
+        Compared with the value this process holds (no Redis round trip: a crowd of
+        forced refreshes costs Redis nothing more than the one flight they join).  Only
+        when the process holds no valid value is Redis asked.  If another instance rotated
+        to ``old`` and this one has not seen it yet, the request goes uncounted; the
+        refresher's ``force_min_interval`` still caps such calls.
+        """
+        if old is None:
+            return False
+        known = self.refresher.states[name].entry
+        if known is None or known.remaining() <= 0:
+            try:
+                known = await self.refresher.current(name)
+            except Unavailable:
+                return False  # no value at all: this refresh fetches
+        return not hmac.compare_digest(old.encode(), known.value.encode())
+
 
 class HealthHandler(BaseHandler):
+    """Outside the IP allowlist: load balancers and probes call it, and it tells nothing."""
+
     needs_auth = False
+    check_ip = False
 
     def get(self) -> None:
         """Liveness: ``GET /healthz`` -> ``200 {"status": "ok"}``; no secret needed."""
@@ -168,29 +261,48 @@ class StatusHandler(BaseHandler):
         ``GET /status`` -> ``200 {"sources": {"access_token": {"state": "ok", "expires_in": 6900,
         "failures": 0, "last_error": "", "upstream_calls": 1}}}``
         """
-        allowed = {n: s for n, s in self.refresher.status().items() if self.principal is None or self.principal.may_use(n)}
+        allowed = {
+            # last_error may repeat an upstream message: mask whatever secret it echoes.
+            n: {**s, "last_error": self.auth.redact(s["last_error"])}
+            for n, s in self.refresher.status().items()
+            if self.principal is None or self.principal.may_use(n)
+        }
         self.finish({"sources": allowed})
 
 
 class NotFoundHandler(BaseHandler):
+    """Any other path: 404 (403 first for a refused IP), whatever the method and arguments."""
+
     needs_auth = False
 
     def prepare(self) -> None:
+        self.gate()
         raise tornado.web.HTTPError(404, reason="not found")
 
 
+def _printable(text: str, limit: int = 200) -> str:
+    """``text`` for one log line: control characters as ``?``, cut at ``limit`` characters."""
+    cut = text[:limit] + ("..." if len(text) > limit else "")
+    return "".join(c if c.isprintable() else "?" for c in cut)
+
+
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Access log without the query string (it may hold the secret)."""
+    """Access log: status, method, path without the query string (it may hold the secret),
+    milliseconds, client name, how it authenticated, client IP.
+
+    ``200 GET /wechat/token 1.3ms client=shop auth=secret ip=10.0.0.7``
+    """
     status = handler.get_status()
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     principal = getattr(handler, "principal", None)
     access_log.log(
         level,
-        "%d %s %s %.1fms client=%s ip=%s",
+        "%d %s %s %.1fms client=%s auth=%s ip=%s",
         status,
-        handler.request.method,
-        handler.request.path,
+        _printable(handler.request.method or "-", 16),
+        _printable(handler.request.path),
         1000.0 * handler.request.request_time(),
         principal.name if principal else "-",
-        handler.request.remote_ip,
+        principal.via if principal else "-",
+        getattr(handler, "ip", None) or handler.request.remote_ip,
     )

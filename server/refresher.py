@@ -105,6 +105,7 @@ class Refresher:
         self.states = {name: SourceState() for name in self.sources}
         self._timer: PeriodicCallback | None = None
         self._tasks: set[asyncio.Future[Any]] = set()  # ticks, retries, wake-ups under way
+        self._reads: dict[str, asyncio.Future[Snapshot | None]] = {}  # Redis reads under way
         self._redis_down_logged = False
         self._redis_retry_at = 0.0  # monotonic time before which reads skip Redis
         #: a lock outlives every call a flight makes: a dependency's plus two of its own
@@ -188,7 +189,19 @@ class Refresher:
         return f"source {name} has no valid value; upstream is failing"
 
     async def _read(self, name: str) -> Snapshot | None:
-        """Redis's snapshot, adopted into memory; None when Redis is unreachable."""
+        """Redis's snapshot, adopted into memory; None when Redis is unreachable.
+
+        Concurrent reads of one source share one round trip: a crowd of requests costs
+        Redis one command, not one per request (and no connection pool runs dry).
+        """
+        pending = self._reads.get(name)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read_redis(name))
+            self._reads[name] = pending
+            pending.add_done_callback(lambda f: self._reads.pop(name) if self._reads.get(name) is f else None)
+        return await asyncio.shield(pending)
+
+    async def _read_redis(self, name: str) -> Snapshot | None:
         if time.monotonic() < self._redis_retry_at:
             return None
         try:

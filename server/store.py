@@ -36,6 +36,10 @@ from server.config import RedisConfig
 
 logger = logging.getLogger(__name__)
 
+#: Connections to Redis per process.  Reads of one source are coalesced by the refresher,
+#: so this bounds concurrent commands across sources, locks and scripts.
+MAX_CONNECTIONS = 50
+
 # KEYS[1] value key, KEYS[2] meta key
 # ARGV[1] value, ARGV[2] TTL in ms, ARGV[3] version the writer read, ARGV[4] fetched_at,
 # ARGV[5] expires_at, ARGV[6] field
@@ -130,10 +134,14 @@ def build_redis(cfg: RedisConfig, url: str | None = None) -> aioredis.Redis:
         if cfg.sentinel.password is not None:
             common["password"] = cfg.sentinel.password
         sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **common)
-        return sentinel.master_for(cfg.sentinel.service_name, **common)
+        # The sentinel pool does not block: give it room for a burst instead.
+        return sentinel.master_for(cfg.sentinel.service_name, max_connections=10 * MAX_CONNECTIONS, **common)
     target = url or cfg.url
     assert target, "build_redis needs a URL or a sentinel config"
-    return aioredis.Redis.from_url(target, **common)
+    # Blocking pool: a burst of requests waits (socket_timeout at most) for one of
+    # MAX_CONNECTIONS connections instead of failing with MaxConnectionsError.
+    pool = aioredis.BlockingConnectionPool.from_url(target, max_connections=MAX_CONNECTIONS, timeout=cfg.socket_timeout, **common)
+    return aioredis.Redis(connection_pool=pool)
 
 
 class Store:
