@@ -270,6 +270,17 @@ class StatusHandler(BaseHandler):
         self.finish({"sources": allowed})
 
 
+class MetricsHandler(BaseHandler):
+    def get(self) -> None:
+        """Prometheus text format (see server.metrics); states and counts, never values.
+
+        ``GET /metrics`` with the secret (Prometheus: ``authorization: {credentials: ...}``) ->
+        ``wechat_token_seconds_left{source="access_token"} 6900.0`` ...
+        """
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.refresher.metrics.render())
+
+
 class NotFoundHandler(BaseHandler):
     """Any other path: 404 (403 first for a refused IP), whatever the method and arguments."""
 

@@ -110,3 +110,20 @@ async def test_server_reads_a_value_another_writer_put_in_redis(make_config, sta
     redis_sync.hset("access_token:meta", "version", version + 1)
     status, body = await call(srv.port, "/wechat/token", type="access_token")
     assert status == 200 and body["access_token"] == other and 4990 < body["expires_in"] <= 5000
+
+
+@pytest.mark.gen_test
+async def test_metrics_count_upstream_calls_and_show_life_left(make_config, start_server, call, sandbox):
+    sandbox.inject("/cgi-bin/token", "busy", times=1)
+    srv = await start_server(make_config(refresh={"force_min_interval": 0}))
+    await call(srv.port, "/wechat/token/forcerefresh", type="access_token")
+    status, text = await call(srv.port, "/metrics")
+    assert status == 200
+    assert 'wechat_token_upstream_requests_total{result="transient",source="access_token"} 1.0' in text
+    assert 'wechat_token_upstream_requests_total{result="ok",source="access_token"} 1.0' in text
+    assert 'wechat_token_source_state{source="ticket",state="ok"} 1.0' in text
+    left = [line for line in text.splitlines() if line.startswith('wechat_token_seconds_left{source="access_token"}')]
+    assert len(left) == 1 and 6900 < float(left[0].split()[-1]) <= 7000
+    assert sandbox.current_token() not in text
+    status, _ = await call(srv.port, "/metrics", headers={})
+    assert status == 401
