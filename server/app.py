@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -87,20 +88,38 @@ def redis_url(cfg: Config) -> tuple[str | None, EmbeddedRedis | None]:
 
 
 async def start(cfg: Config) -> Running:
-    """Build every part, run the first refresh pass, then listen.  See the module docstring."""
+    """Build every part, run the first refresh pass, then listen.  See the module docstring.
+
+    The port is bound before the first pass (a taken port must not cost an upstream call)
+    but served only after it.  If anything fails, what was started is stopped again.
+    """
     url, embedded = redis_url(cfg)
-    store = Store(build_redis(cfg.redis, url), cfg.redis.prefix)
-    upstream = Upstream(cfg.refresh.timeout)
-    sources = {name: Source(src) for name, src in cfg.sources.items()}
-    refresher = Refresher(sources, store, upstream, cfg.refresh)
-    started = time.monotonic()
-    await refresher.start()
-    logger.info("first refresh pass done in %.2fs: %s", time.monotonic() - started, _summary(refresher))
-    active = ActiveRequests()
-    # The API takes no body: refuse big ones early, and do not wait long for slow ones.
-    http = HTTPServer(make_app(refresher, Authenticator(cfg), active), max_body_size=4096, body_timeout=10, idle_connection_timeout=60)
-    sockets = tornado.netutil.bind_sockets(cfg.server.port, cfg.server.host)
-    http.add_sockets(sockets)
+    store: Store | None = None
+    upstream: Upstream | None = None
+    sockets: list[socket.socket] = []
+    try:
+        sockets = tornado.netutil.bind_sockets(cfg.server.port, cfg.server.host)
+        store = Store(build_redis(cfg.redis, url), cfg.redis.prefix)
+        upstream = Upstream(cfg.refresh.timeout)
+        sources = {name: Source(src) for name, src in cfg.sources.items()}
+        refresher = Refresher(sources, store, upstream, cfg.refresh)
+        started = time.monotonic()
+        await refresher.start()
+        logger.info("first refresh pass done in %.2fs: %s", time.monotonic() - started, _summary(refresher))
+        active = ActiveRequests()
+        # The API takes no body: refuse big ones early, and do not wait long for slow ones.
+        http = HTTPServer(make_app(refresher, Authenticator(cfg), active), max_body_size=4096, body_timeout=10, idle_connection_timeout=60)
+        http.add_sockets(sockets)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        if store is not None:
+            await store.close()
+        if upstream is not None:
+            upstream.close()
+        if embedded is not None:
+            embedded.stop()
+        raise
     port = sockets[0].getsockname()[1]
     logger.info("listening on http://%s:%d", cfg.server.host, port)
     return Running(http, active, refresher, store, upstream, embedded, port)

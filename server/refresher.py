@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 _CHINA = datetime.timezone(datetime.timedelta(hours=8))
 BACKOFF_BASE = 1.0  # seconds before the first retry (before jitter)
 REDIS_RETRY_DELAY = 1.0  # seconds during which reads skip Redis after it failed
+READ_WAIT = 0.5  # seconds a request with a valid value in memory waits for Redis
+PREVIOUS_TOKEN_LIFE = 300.0  # seconds WeChat keeps the previous token valid after a new one
 
 
 def next_quota_reset(now: float) -> float:
@@ -55,6 +57,14 @@ def next_quota_reset(now: float) -> float:
 
 class Unavailable(Exception):
     """No valid value can be had now; ``str()`` is the short reason shown to clients."""
+
+
+class BackingOff(Unavailable):
+    """Another instance's fetch just failed: wait ``delay`` seconds like it does."""
+
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay
 
 
 class DependencyUnavailable(Unavailable):
@@ -159,7 +169,7 @@ class Refresher:
             state = self.states[name]
             now = time.time()
             if state.blocked is not None or now < max(state.quota_until, state.retry_at, state.not_before):
-                await self._sync(name)
+                await self._read(name)
                 continue
             try:
                 await self.refresh(name)
@@ -171,10 +181,21 @@ class Refresher:
     async def current(self, name: str) -> Entry:
         """The valid value to serve now: Redis's, or memory's while Redis is down.
 
-        Raises Unavailable when there is none.  Never calls upstream.
+        With a valid value in memory, Redis gets at most ``READ_WAIT`` seconds: a hung
+        Redis slows no request.  Raises Unavailable when there is no valid value.
+        Never calls upstream.
         """
         state = self.states[name]
-        snap = await self._read(name)
+        pending = self._read_shared(name)
+        snap: Snapshot | None
+        if state.entry is not None and state.entry.remaining() > 0:
+            try:
+                snap = await asyncio.wait_for(asyncio.shield(pending), READ_WAIT)
+            except asyncio.TimeoutError:
+                self._redis_failed("slow")
+                snap = None
+        else:
+            snap = await asyncio.shield(pending)
         entry = snap.entry if snap is not None and snap.entry is not None else state.entry
         if entry is None or entry.remaining() <= 0:
             raise Unavailable(self._why_unavailable(name))
@@ -189,7 +210,11 @@ class Refresher:
         return f"source {name} has no valid value; upstream is failing"
 
     async def _read(self, name: str) -> Snapshot | None:
-        """Redis's snapshot, adopted into memory; None when Redis is unreachable.
+        """Redis's snapshot, reconciled with memory (see _read_redis); None when Redis is unreachable."""
+        return await asyncio.shield(self._read_shared(name))
+
+    def _read_shared(self, name: str) -> asyncio.Future[Snapshot | None]:
+        """The read of ``name`` under way, or a new one.
 
         Concurrent reads of one source share one round trip: a crowd of requests costs
         Redis one command, not one per request (and no connection pool runs dry).
@@ -199,39 +224,44 @@ class Refresher:
             pending = asyncio.ensure_future(self._read_redis(name))
             self._reads[name] = pending
             pending.add_done_callback(lambda f: self._reads.pop(name) if self._reads.get(name) is f else None)
-        return await asyncio.shield(pending)
+        return pending
+
+    def _redis_failed(self, why: str) -> None:
+        # Skip Redis for a second: requests answer from memory at once instead of each
+        # waiting for a timeout, and nothing hammers a dead Redis.
+        self._redis_retry_at = time.monotonic() + REDIS_RETRY_DELAY
+        if not self._redis_down_logged:
+            logger.error("redis unreachable (%s): serving values held in memory", why)
+            self._redis_down_logged = True
 
     async def _read_redis(self, name: str) -> Snapshot | None:
+        """Read Redis and reconcile: adopt Redis's value, unless memory's is newer.
+
+        Memory is newer when Redis lost the value (restarted empty), came back with old
+        data, or failed over to a lagging replica, or when this process fetched while
+        Redis was unreachable: then memory's value is put back (no upstream call), since
+        WeChat may already have retired the one Redis holds.
+        """
         if time.monotonic() < self._redis_retry_at:
             return None
+        state = self.states[name]
         try:
             snap = await self.store.read(name)
+            mem = state.entry
+            if mem is not None and mem.remaining() > 1 and (
+                snap.entry is None or (snap.entry.version, snap.entry.fetched_at) < (mem.version, mem.fetched_at)
+            ):
+                if await self.store.restore(name, mem):
+                    logger.warning("source %s: redis lacked the newest value; put it back from memory", name)
+                snap = await self.store.read(name)
         except RedisError as e:
-            # Skip Redis for a second: requests answer from memory at once instead of
-            # each waiting for a connect timeout, and nothing hammers a dead Redis.
-            self._redis_retry_at = time.monotonic() + REDIS_RETRY_DELAY
-            if not self._redis_down_logged:
-                logger.error("redis unreachable (%s): serving values held in memory", type(e).__name__)
-                self._redis_down_logged = True
+            self._redis_failed(type(e).__name__)
             return None
         if self._redis_down_logged:
             logger.warning("redis reachable again")
             self._redis_down_logged = False
         if snap.entry is not None:
-            self.states[name].entry = snap.entry
-        return snap
-
-    async def _sync(self, name: str) -> Snapshot | None:
-        """Adopt what Redis holds, or put back our valid value when Redis lost it."""
-        snap = await self._read(name)
-        entry = self.states[name].entry
-        if snap is not None and snap.entry is None and entry is not None and entry.remaining() > 1:
-            try:
-                if await self.store.restore(name, entry):
-                    logger.warning("source %s: redis had lost the value; restored it from memory", name)
-                    return await self._read(name)
-            except RedisError:
-                return None
+            state.entry = snap.entry
         return snap
 
     # --- refreshing ----------------------------------------------------------------------
@@ -282,6 +312,12 @@ class Refresher:
         started = time.monotonic()
         try:
             entry = await self._refresh_locked(name, force, old, min_interval)
+        except BackingOff as e:
+            # Shared backoff: no failure of ours, no extension of theirs (that would starve
+            # the source); just retry when it ends.
+            state.retry_at = time.time() + e.delay
+            self._schedule_retry(name, e.delay + random.uniform(0, 0.2))
+            raise
         except DependencyUnavailable as e:
             # Not this source's failure: no backoff; _wake_dependents retries it as soon
             # as the dependency has a value again.
@@ -312,14 +348,16 @@ class Refresher:
 
     async def _refresh_locked(self, name: str, force: bool, old: str | None, min_interval: bool) -> Entry:
         state = self.states[name]
-        snap = await self._sync(name)
+        snap = await self._read(name)
         if not self._needed(state.entry, force, old, min_interval):
             assert state.entry is not None
             return state.entry
         if snap is None:
-            # Redis is down: no lock to take.  Keep the value fresh in memory; the next
-            # sync puts it back into Redis.
+            # Redis is down: no lock to take.  Keep the value fresh in memory; the first
+            # read after Redis returns puts it back (_read_redis).
             return await self._fetch_and_store(name, force, read_version=None)
+        if snap.backoff > 0 and not force:
+            raise BackingOff(f"source {name}: another instance's fetch failed; retrying in {snap.backoff:.1f}s", snap.backoff)
         deadline = time.monotonic() + self.lock_lease + self.cfg.timeout
         while True:
             token = await self.store.acquire(name, self.lock_lease)
@@ -361,8 +399,10 @@ class Refresher:
                     self.states[name].entry = snap.entry
                     return snap.entry
                 # The holder released without a new value: its fetch failed.  Do not
-                # follow with a call of our own (a crowd would); back off like it did.
-                raise UpstreamError(ErrorKind.TRANSIENT, "the instance holding the refresh lock failed to fetch")
+                # follow with a call of our own (a crowd would); back off like it does.
+                if snap.backoff > 0:
+                    raise BackingOff(f"source {name}: the instance holding the refresh lock failed to fetch", snap.backoff)
+                raise Unavailable(f"source {name}: the instance holding the refresh lock failed to fetch")
         return None
 
     async def _fetch_and_store(self, name: str, force: bool, read_version: int | None) -> Entry:
@@ -378,24 +418,33 @@ class Refresher:
             logger.info("source %s: upstream returned the same value (%.0fs left); next try in %.0fs", name, life, state.not_before - fetched_at)
         else:
             state.not_before = 0.0
-        memory = Entry(fetched.value, fetched_at + life, fetched_at, (state.entry.version if state.entry else 0), fetched.field)
+        # Not stored yet: one version above the one it is based on, so that it counts as
+        # newer than what Redis held (_read_redis puts it back when Redis returns).
+        base = read_version if read_version is not None else state.entry.version if state.entry else 0
+        memory = Entry(fetched.value, fetched_at + life, fetched_at, base + 1, fetched.field)
         if read_version is None:
             state.entry = memory
+            logger.warning("source %s: new value %s... kept in memory only (redis unreachable)", name, fetched.value[:6])
             return memory
         try:
             stored = await self.store.write(name, fetched.value, life, fetched_at, fetched.field, read_version)
         except RedisError:
-            state.entry = memory  # put back by a later sync
+            state.entry = memory
+            logger.warning("source %s: new value %s... kept in memory only (redis write failed)", name, fetched.value[:6])
             return memory
         if stored is None:
-            # Fenced out: another process stored a newer value while we fetched.
-            logger.warning("source %s: a newer value was stored meanwhile; discarding ours", name)
+            # Fenced out: another process stored a value while our (slow) fetch ran.
             snap = await self.store.read(name)
-            if snap.entry is not None:
-                state.entry = snap.entry
-                return snap.entry
-            state.entry = memory
-            return memory
+            if snap.entry is None:
+                state.entry = memory
+                return memory
+            state.entry = snap.entry
+            if snap.entry.value != fetched.value:
+                # Our fetch may have been issued after theirs, making theirs WeChat's
+                # "previous" token, valid 5 more minutes only.  Let it be refreshed soon.
+                await self.store.cap_life(name, snap.entry.value, PREVIOUS_TOKEN_LIFE)
+            logger.warning("source %s: a value was stored while our fetch ran; keeping it, discarding ours", name)
+            return snap.entry
         state.entry = stored
         logger.info("source %s: new value %s... stored, life %.0fs", name, stored.value[:6], life)
         return stored
@@ -474,6 +523,20 @@ class Refresher:
             "source %s: fetch failed after %.2fs (attempt %d): %s; %s; retry in %.1fs",
             name, elapsed, state.failures, err, serving, delay,
         )
+        self._schedule_retry(name, delay)
+        if isinstance(err, UpstreamError):
+            # Only a fetch that reached upstream announces its backoff to the other
+            # instances ("the lock holder failed" errors are already following one).
+            self._spawn(self._announce_backoff(name, delay))
+
+    async def _announce_backoff(self, name: str, delay: float) -> None:
+        try:
+            await self.store.set_backoff(name, delay)
+        except RedisError:
+            pass
+
+    def _schedule_retry(self, name: str, delay: float) -> None:
+        state = self.states[name]
         if state.retry_handle is not None:
             IOLoop.current().remove_timeout(state.retry_handle)
         state.retry_handle = IOLoop.current().call_later(delay, self._retry, name)

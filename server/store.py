@@ -13,6 +13,9 @@ Layout for a source ``NAME`` under the configured ``prefix`` (source names canno
 ``<prefix>NAME:lock``
     ``SET NX PX`` lock a process holds while it fetches NAME; its value is a random
     token so only the holder deletes it.
+``<prefix>NAME:backoff``
+    Present (with a TTL) while instances should not retry NAME after a failed fetch, so
+    several instances back off together instead of each retrying on its own.
 
 Fencing: a fetch reads ``version`` after it takes the lock, and its write succeeds only
 if ``version`` is still the same (one Lua script).  A slow fetch whose lock expired and
@@ -31,6 +34,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.config import RedisConfig
 
@@ -55,23 +59,38 @@ redis.call('HSET', KEYS[2], 'version', current + 1, 'fetched_at', ARGV[4],
 return current + 1
 """
 
-# Put a value held in memory back after Redis lost it (restart without persistence).
+# Put back a value held in memory that Redis lacks or holds an older version of (Redis
+# restarted empty, came back with old data, or failed over to a lagging replica).
 # KEYS[1] value key, KEYS[2] meta key
 # ARGV[1] value, ARGV[2] TTL in ms, ARGV[3] the value's version, ARGV[4] fetched_at,
 # ARGV[5] expires_at, ARGV[6] field
-# Returns 1 when restored, 0 when Redis already has a value or a newer version.
+# Newer means a higher version, or the same version and a later fetched_at (a value fetched
+# while Redis was unreachable carries the version it was based on + 1).  The new version
+# is above every version Redis held, so a fenced writer that read an older one fails.
+# Returns the new version, or 0 when Redis's is as new or newer.
 _RESTORE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
+local v = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
+local f = tonumber(redis.call('HGET', KEYS[2], 'fetched_at') or '0')
+local ev = tonumber(ARGV[3])
+if v > ev or (v == ev and f >= tonumber(ARGV[4])) then
   return 0
 end
-local current = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
-if current > tonumber(ARGV[3]) then
-  return 0
-end
+local nv = math.max(v + 1, ev)
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[2], 'version', ARGV[3], 'fetched_at', ARGV[4],
+redis.call('HSET', KEYS[2], 'version', nv, 'fetched_at', ARGV[4],
            'expires_at', ARGV[5], 'field', ARGV[6])
-return 1
+return nv
+"""
+
+# Shorten a value's life, if it is still the stored one and lives longer than that.
+# KEYS[1] value key, KEYS[2] meta key; ARGV[1] value, ARGV[2] life in ms, ARGV[3] expires_at
+_CAP_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('PTTL', KEYS[1]) > tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('HSET', KEYS[2], 'expires_at', ARGV[3])
+  return 1
+end
+return 0
 """
 
 # KEYS[1] lock key; ARGV[1] the holder's token.  Deletes the lock only if we still hold it.
@@ -103,10 +122,12 @@ class Entry:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What Redis holds for a source: the live entry (None when absent) and the version."""
+    """What Redis holds for a source: the live entry (None when absent), the version, and
+    the seconds left of a backoff another instance announced (0: none)."""
 
     entry: Entry | None
     version: int
+    backoff: float = 0.0
 
 
 def build_redis(cfg: RedisConfig, url: str | None = None) -> aioredis.Redis:
@@ -119,7 +140,9 @@ def build_redis(cfg: RedisConfig, url: str | None = None) -> aioredis.Redis:
         socket_timeout=cfg.socket_timeout,
         socket_connect_timeout=cfg.socket_timeout,
         decode_responses=True,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+        # One quick retry for a connection reset (a restarted Redis), none for a timeout:
+        # a hung Redis must cost one socket_timeout, not two.
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1, supported_errors=(RedisConnectionError,)),
         health_check_interval=30,
     )
     if cfg.password is not None:
@@ -153,6 +176,7 @@ class Store:
         self._write = redis.register_script(_WRITE_LUA)
         self._restore = redis.register_script(_RESTORE_LUA)
         self._release = redis.register_script(_RELEASE_LUA)
+        self._cap = redis.register_script(_CAP_LUA)
 
     def __repr__(self) -> str:
         # The client's repr would show its connection kwargs; say only the prefix.
@@ -174,13 +198,15 @@ class Store:
             pipe.get(key)
             pipe.pttl(key)
             pipe.hmget(key + ":meta", "version", "fetched_at", "field")
-            value, pttl, (version, fetched_at, field) = await pipe.execute()
+            pipe.pttl(key + ":backoff")
+            value, pttl, (version, fetched_at, field), backoff_ms = await pipe.execute()
         v = int(version or 0)
+        backoff = max(0, backoff_ms or 0) / 1000.0
         if value is None or pttl is None or pttl <= 0:
-            return Snapshot(None, v)
+            return Snapshot(None, v, backoff)
         now = time.time()
         entry = Entry(value, now + pttl / 1000.0, float(fetched_at or now), v, field or "access_token")
-        return Snapshot(entry, v)
+        return Snapshot(entry, v, backoff)
 
     async def write(self, name: str, value: str, life: float, fetched_at: float, field: str, read_version: int) -> Entry | None:
         """Store a freshly fetched value with ``life`` seconds to live.
@@ -202,7 +228,10 @@ class Store:
         return Entry(value, expires_at, fetched_at, result, field)
 
     async def restore(self, name: str, entry: Entry) -> bool:
-        """Put back a still-valid value Redis lost; False when Redis has one or a newer version."""
+        """Put back a still-valid value that Redis lacks or holds an older version of.
+
+        False when Redis's is as new or newer (see _RESTORE_LUA for "newer").
+        """
         ttl_ms = int(entry.remaining() * 1000)
         if ttl_ms <= 0:
             return False
@@ -213,6 +242,16 @@ class Store:
                 args=[entry.value, ttl_ms, entry.version, repr(entry.fetched_at), repr(entry.expires_at), entry.field],
             )
         )
+
+    async def cap_life(self, name: str, value: str, life: float) -> bool:
+        """Make ``value``, if still stored, expire within ``life`` seconds; True if shortened."""
+        key = self.key(name)
+        ms = max(1, int(life * 1000))
+        return bool(await self._cap(keys=[key, key + ":meta"], args=[value, ms, repr(time.time() + life)]))
+
+    async def set_backoff(self, name: str, delay: float) -> None:
+        """Tell every instance not to retry ``name`` for ``delay`` seconds (forced refreshes still may)."""
+        await self.redis.set(self.key(name) + ":backoff", "1", px=max(1, int(delay * 1000)))
 
     async def acquire(self, name: str, lease: float) -> str | None:
         """Take the refresh lock of ``name`` for ``lease`` seconds; the token to release it, or None."""
