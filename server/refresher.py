@@ -377,6 +377,16 @@ class Refresher:
                 assert state.entry is not None
                 return state.entry
             return await self._fetch_and_store(name, force, snap.version)
+        except UpstreamError as e:
+            if e.kind is ErrorKind.TRANSIENT:
+                # Announce the backoff before releasing the lock, so no other instance
+                # slips a call in between.  The count is the cluster's, not ours alone.
+                state.failures = max(state.failures, snap.failures)
+                try:
+                    await self.store.set_backoff(name, self._backoff_floor(state.failures + 1, e), state.failures + 1)
+                except RedisError:
+                    pass
+            raise
         finally:
             try:
                 await asyncio.shield(self.store.release(name, token))
@@ -514,8 +524,8 @@ class Refresher:
                 name, err.errmsg, datetime.datetime.fromtimestamp(state.quota_until, _CHINA).isoformat(),
             )
             return
-        cap = min(self.cfg.backoff_max, BACKOFF_BASE * 2 ** (state.failures - 1))
-        delay = max(random.uniform(cap / 2, cap), getattr(err, "retry_after", 0.0))
+        floor = self._backoff_floor(state.failures, err)
+        delay = random.uniform(floor, 2 * floor)
         state.retry_at = now + delay
         entry = state.entry
         serving = f"serving the old value ({entry.remaining():.0f}s left)" if entry and entry.remaining() > 0 else "no valid value"
@@ -524,16 +534,13 @@ class Refresher:
             name, elapsed, state.failures, err, serving, delay,
         )
         self._schedule_retry(name, delay)
-        if isinstance(err, UpstreamError):
-            # Only a fetch that reached upstream announces its backoff to the other
-            # instances ("the lock holder failed" errors are already following one).
-            self._spawn(self._announce_backoff(name, delay))
 
-    async def _announce_backoff(self, name: str, delay: float) -> None:
-        try:
-            await self.store.set_backoff(name, delay)
-        except RedisError:
-            pass
+    def _backoff_floor(self, failures: int, err: Exception) -> float:
+        """Seconds to wait at least after ``failures`` consecutive failures (the jittered
+        delay is between this and twice this): half of 1 s, 2 s, 4 s ... up to half of
+        ``refresh.backoff_max``, and at least what the errcode asks (45011: a minute)."""
+        cap = min(self.cfg.backoff_max, BACKOFF_BASE * 2 ** max(0, failures - 1))
+        return max(cap / 2, getattr(err, "retry_after", 0.0))
 
     def _schedule_retry(self, name: str, delay: float) -> None:
         state = self.states[name]

@@ -13,9 +13,10 @@ Layout for a source ``NAME`` under the configured ``prefix`` (source names canno
 ``<prefix>NAME:lock``
     ``SET NX PX`` lock a process holds while it fetches NAME; its value is a random
     token so only the holder deletes it.
-``<prefix>NAME:backoff``
-    Present (with a TTL) while instances should not retry NAME after a failed fetch, so
-    several instances back off together instead of each retrying on its own.
+``<prefix>NAME:backoff`` and ``<prefix>NAME:failures``
+    Present (with a TTL) while no instance should retry NAME after a failed fetch, and
+    the count of consecutive failures (deleted by the next write): several instances back
+    off together, the delay growing with the failures of all of them.
 
 Fencing: a fetch reads ``version`` after it takes the lock, and its write succeeds only
 if ``version`` is still the same (one Lua script).  A slow fetch whose lock expired and
@@ -44,15 +45,17 @@ logger = logging.getLogger(__name__)
 #: so this bounds concurrent commands across sources, locks and scripts.
 MAX_CONNECTIONS = 50
 
-# KEYS[1] value key, KEYS[2] meta key
+# KEYS[1] value key, KEYS[2] meta key, KEYS[3] backoff key, KEYS[4] failures key
 # ARGV[1] value, ARGV[2] TTL in ms, ARGV[3] version the writer read, ARGV[4] fetched_at,
 # ARGV[5] expires_at, ARGV[6] field
 # Returns the new version, or -(current version) when the writer was fenced out.
+# A stored value ends any backoff the instances were following.
 _WRITE_LUA = """
 local current = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
 if current ~= tonumber(ARGV[3]) then
   return -current
 end
+redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], 'version', current + 1, 'fetched_at', ARGV[4],
            'expires_at', ARGV[5], 'field', ARGV[6])
@@ -128,6 +131,7 @@ class Snapshot:
     entry: Entry | None
     version: int
     backoff: float = 0.0
+    failures: int = 0  # consecutive failures the announced backoff follows
 
 
 def build_redis(cfg: RedisConfig, url: str | None = None) -> aioredis.Redis:
@@ -198,15 +202,17 @@ class Store:
             pipe.get(key)
             pipe.pttl(key)
             pipe.hmget(key + ":meta", "version", "fetched_at", "field")
+            pipe.get(key + ":failures")
             pipe.pttl(key + ":backoff")
-            value, pttl, (version, fetched_at, field), backoff_ms = await pipe.execute()
+            value, pttl, (version, fetched_at, field), failures, backoff_ms = await pipe.execute()
         v = int(version or 0)
         backoff = max(0, backoff_ms or 0) / 1000.0
+        shared = int(failures) if failures and failures.isdigit() else 0
         if value is None or pttl is None or pttl <= 0:
-            return Snapshot(None, v, backoff)
+            return Snapshot(None, v, backoff, shared)
         now = time.time()
         entry = Entry(value, now + pttl / 1000.0, float(fetched_at or now), v, field or "access_token")
-        return Snapshot(entry, v, backoff)
+        return Snapshot(entry, v, backoff, shared)
 
     async def write(self, name: str, value: str, life: float, fetched_at: float, field: str, read_version: int) -> Entry | None:
         """Store a freshly fetched value with ``life`` seconds to live.
@@ -219,7 +225,7 @@ class Store:
         ttl_ms = max(1, int((expires_at - time.time()) * 1000))
         result = int(
             await self._write(
-                keys=[key, key + ":meta"],
+                keys=[key, key + ":meta", key + ":backoff", key + ":failures"],
                 args=[value, ttl_ms, read_version, repr(fetched_at), repr(expires_at), field],
             )
         )
@@ -249,9 +255,16 @@ class Store:
         ms = max(1, int(life * 1000))
         return bool(await self._cap(keys=[key, key + ":meta"], args=[value, ms, repr(time.time() + life)]))
 
-    async def set_backoff(self, name: str, delay: float) -> None:
-        """Tell every instance not to retry ``name`` for ``delay`` seconds (forced refreshes still may)."""
-        await self.redis.set(self.key(name) + ":backoff", "1", px=max(1, int(delay * 1000)))
+    async def set_backoff(self, name: str, delay: float, failures: int) -> None:
+        """Tell every instance not to retry ``name`` for ``delay`` seconds (forced refreshes
+        still may), after ``failures`` consecutive failed fetches."""
+        key = self.key(name)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(key + ":backoff", "1", px=max(1, int(delay * 1000)))
+            # The count outlives the backoff (the next failure grows from it) and ends with
+            # the next stored value (_WRITE_LUA) or after an hour of silence.
+            pipe.set(key + ":failures", str(failures), ex=3600)
+            await pipe.execute()
 
     async def acquire(self, name: str, lease: float) -> str | None:
         """Take the refresh lock of ``name`` for ``lease`` seconds; the token to release it, or None."""

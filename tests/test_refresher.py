@@ -249,3 +249,18 @@ async def test_same_value_from_upstream_is_not_asked_again_every_tick(make_confi
     await start_server(make_config(sources={"access_token": stable}, refresh={"interval": 0.2, "ahead": 19.5}))
     await asyncio.sleep(2.0)  # ten ticks, every one of them inside `ahead`
     assert sandbox.calls["/cgi-bin/stable_token"] <= 2
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_instances_on_one_redis_back_off_together(make_config, start_server, sandbox, redis_sync):
+    """Three servers, WeChat busy: the calls are those of one backing-off server, not three."""
+    sandbox.inject(TOKEN_PATH, "busy", times=None)
+    cfg = make_config(refresh=FAST)
+    for _ in range(3):
+        await start_server(cfg)
+    assert sandbox.calls[TOKEN_PATH] == 1  # the two later starts saw the announced backoff
+    assert redis_sync.get("access_token:backoff") is not None
+    await asyncio.sleep(3.0)
+    # One server alone: attempts at about 0, 0.5-1, 1.5-3 s (at most 4). Three on their own: ~3x.
+    assert 2 <= sandbox.calls[TOKEN_PATH] <= 4
+    assert int(redis_sync.get("access_token:failures")) == sandbox.calls[TOKEN_PATH]  # one count for all

@@ -82,3 +82,43 @@ async def test_expired_value_is_absent(store, redis_sync):
 def test_repr_hides_connection_details(redis_url):
     s = Store(build_redis(RedisConfig(url=redis_url.replace("redis://", "redis://:hunter2-password@"))))
     assert "hunter2" not in repr(s)
+
+
+@pytest.mark.gen_test
+async def test_restore_replaces_older_data_with_a_newer_memory_value(store, redis_sync):
+    from server.store import Entry
+
+    now = time.time()
+    await store.write("t", "OLD", 100, now - 50, "access_token", read_version=0)  # version 1
+    # Fetched while Redis was unreachable, based on version 1: version 2.
+    newer = Entry("FETCHED-DURING-OUTAGE", now + 100, now, 2, "access_token")
+    assert await store.restore("t", newer)
+    assert redis_sync.get("p:t") == "FETCHED-DURING-OUTAGE" and redis_sync.hget("p:t:meta", "version") == "2"
+    # Another instance wrote version 2 too, but later: same version, later fetched_at wins.
+    later = Entry("LATER", now + 100, now + 1, 2, "access_token")
+    assert await store.restore("t", later)
+    assert redis_sync.get("p:t") == "LATER" and redis_sync.hget("p:t:meta", "version") == "3"
+    assert not await store.restore("t", newer)  # now older than Redis's
+
+
+@pytest.mark.gen_test
+async def test_cap_life_shortens_only_the_named_value(store, redis_sync):
+    now = time.time()
+    await store.write("t", "V", 7000, now, "access_token", read_version=0)
+    assert not await store.cap_life("t", "OTHER", 300)
+    assert redis_sync.ttl("p:t") > 6990
+    assert await store.cap_life("t", "V", 300)
+    assert 295 < redis_sync.ttl("p:t") <= 300
+    assert abs(float(redis_sync.hget("p:t:meta", "expires_at")) - (now + 300)) < 2
+    assert not await store.cap_life("t", "V", 600)  # never lengthens
+
+
+@pytest.mark.gen_test
+async def test_backoff_is_announced_with_its_failure_count(store, redis_sync):
+    await store.set_backoff("t", 2.0, 3)
+    snap = await store.read("t")
+    assert 1.5 < snap.backoff <= 2.0 and snap.failures == 3
+    assert redis_sync.get("p:t:failures") == "3"
+    await store.write("t", "V", 100, time.time(), "access_token", read_version=0)
+    snap = await store.read("t")
+    assert snap.backoff == 0 and snap.failures == 0  # a stored value ends the backoff
