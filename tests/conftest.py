@@ -30,10 +30,11 @@ from tornado.httpserver import HTTPServer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from helpers_procs import merge, sandbox_sources  # noqa: E402
 from server.app import Running, start, stop  # noqa: E402
 from server.config import Config, parse_config  # noqa: E402
 from server.embedded_redis import EmbeddedRedis  # noqa: E402
-from server.sandbox import DEFAULT_APPID, DEFAULT_APPSECRET, Sandbox  # noqa: E402
+from server.sandbox import DEFAULT_APPSECRET, Sandbox  # noqa: E402
 from server.sandbox import make_app as make_sandbox_app  # noqa: E402
 
 TEST_SECRET = "test-request-secret-0123456789abcdef"
@@ -143,35 +144,19 @@ def sandbox_url(sandbox: Sandbox, io_loop: Any) -> Any:
 # --- config and server --------------------------------------------------------------------
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "sources" else v
-    return out
-
-
 def base_config(redis_url: str, sandbox_url: str) -> dict[str, Any]:
     return {
         "server": {"host": "127.0.0.1", "port": 1, "secret": TEST_SECRET},
         "redis": {"url": redis_url},
         "refresh": {"interval": 60, "ahead": 600, "max_ttl": 7000, "timeout": 2},
-        "sources": {
-            "access_token": {
-                "url": f"{sandbox_url}/cgi-bin/token",
-                "args": {"grant_type": "client_credential", "appid": DEFAULT_APPID, "secret": DEFAULT_APPSECRET},
-            },
-            "ticket": {
-                "url": f"{sandbox_url}/cgi-bin/ticket/getticket",
-                "args": {"type": "jsapi", "access_token": "<<access_token>>"},
-            },
-        },
+        "sources": sandbox_sources(sandbox_url),
     }
 
 
 @pytest.fixture
 def make_config(redis_url: str, sandbox_url: str) -> Callable[..., Config]:
     def make(**sections: Any) -> Config:
-        raw = _merge(base_config(redis_url, sandbox_url), sections)
+        raw = merge(base_config(redis_url, sandbox_url), sections)
         return parse_config(yaml.safe_dump(raw), env={}, source="test config")
 
     return make

@@ -282,13 +282,7 @@ class SandboxProc:
         raise RuntimeError(f"sandbox did not start; see {self.log_path}")
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 class SentinelProc:
@@ -337,13 +331,7 @@ class SentinelProc:
         return int(port)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         if self.process is not None and self.process.stderr:
             self.process.stderr.close()
 
@@ -351,6 +339,31 @@ class SentinelProc:
 # --- config and a fixture owning the processes --------------------------------------------
 
 PROC_SECRET = "proc-request-secret-0123456789abcdef"
+
+
+def sandbox_sources(sandbox_url: str) -> dict[str, Any]:
+    """The two sources every test config uses: access_token and its jsapi ticket from the sandbox."""
+    return {
+        "access_token": {
+            "url": f"{sandbox_url}/cgi-bin/token",
+            "args": {"grant_type": "client_credential", "appid": DEFAULT_APPID, "secret": DEFAULT_APPSECRET},
+        },
+        "ticket": {
+            "url": f"{sandbox_url}/cgi-bin/ticket/getticket",
+            "args": {"type": "jsapi", "access_token": "<<access_token>>"},
+        },
+    }
+
+
+def stop_process(process: subprocess.Popen[Any] | None, timeout: float = 5) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -367,16 +380,7 @@ def proc_config(redis_url: str | None, sandbox_url: str, **sections: Any) -> dic
         "server": {"host": "127.0.0.1", "port": 12123, "secret": PROC_SECRET, "shutdown_timeout": 5},
         "redis": {"url": redis_url} if redis_url else {},
         "refresh": {"interval": 0.5, "ahead": 600, "max_ttl": 7000, "timeout": 3},
-        "sources": {
-            "access_token": {
-                "url": f"{sandbox_url}/cgi-bin/token",
-                "args": {"grant_type": "client_credential", "appid": DEFAULT_APPID, "secret": DEFAULT_APPSECRET},
-            },
-            "ticket": {
-                "url": f"{sandbox_url}/cgi-bin/ticket/getticket",
-                "args": {"type": "jsapi", "access_token": "<<access_token>>"},
-            },
-        },
+        "sources": sandbox_sources(sandbox_url),
     }
     return merge(base, sections)
 

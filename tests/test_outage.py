@@ -20,12 +20,17 @@ from server.embedded_redis import EmbeddedRedis, free_port
 from server.sandbox import TOKEN_PATH
 
 
-@pytest.fixture
-def own_redis(tmp_path):
-    server = EmbeddedRedis(str(tmp_path / "redis"), port=free_port(), persistent=False)
+def _own_redis(tmp_path, persistent: bool):
+    """A redis-server of the test's own (on a fixed port, so it can be killed and restarted)."""
+    server = EmbeddedRedis(str(tmp_path / ("aof-redis" if persistent else "redis")), port=free_port(), persistent=persistent)
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    yield from _own_redis(tmp_path, persistent=False)
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -115,10 +120,7 @@ async def test_redis_killed_then_restarted_empty(token_servers, sandbox, sandbox
 
 @pytest.fixture
 def persistent_redis(tmp_path):
-    server = EmbeddedRedis(str(tmp_path / "aof-redis"), port=free_port(), persistent=True)
-    server.start()
-    yield server
-    server.stop()
+    yield from _own_redis(tmp_path, persistent=True)
 
 
 @pytest.mark.gen_test(timeout=60)
