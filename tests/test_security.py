@@ -558,9 +558,9 @@ def test_setup_logging_puts_the_filter_on_the_root_handlers(make_config, product
 
 
 def _refused(redis_url, sandbox_url, **sections) -> str:
-    from tests.conftest import _merge
+    from helpers_procs import merge
 
-    raw = _merge(base_config(redis_url, sandbox_url), sections)
+    raw = merge(base_config(redis_url, sandbox_url), sections)
     with pytest.raises(ConfigError) as info:
         parse_config(yaml.safe_dump(raw), env={})
     message = str(info.value)
