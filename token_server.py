@@ -133,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"config OK: {len(cfg.sources)} sources ({', '.join(cfg.sources)})")
         return 0
-    from server.app import serve
+    from server.app import StartupError, serve
+
 
     try:
         return asyncio.run(serve(cfg))
-    except OSError as e:
+    except (OSError, StartupError) as e:
         logger.error("cannot start: %s", e)
         return 1
 

@@ -17,10 +17,12 @@ import logging
 import signal
 import socket
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import tornado.netutil
+from redis.exceptions import RedisError
 import tornado.web
 from tornado.httpserver import HTTPServer
 
@@ -100,6 +102,7 @@ async def start(cfg: Config) -> Running:
     try:
         sockets = tornado.netutil.bind_sockets(cfg.server.port, cfg.server.host)
         store = Store(build_redis(cfg.redis, url), cfg.redis.prefix)
+        await check_redis(store, cfg, url)
         upstream = Upstream(cfg.refresh.timeout)
         sources = {name: Source(src) for name, src in cfg.sources.items()}
         refresher = Refresher(sources, store, upstream, cfg.refresh)
@@ -123,6 +126,29 @@ async def start(cfg: Config) -> Running:
     port = sockets[0].getsockname()[1]
     logger.info("listening on http://%s:%d", cfg.server.host, port)
     return Running(http, active, refresher, store, upstream, embedded, port)
+
+
+class StartupError(Exception):
+    """The server cannot start; ``str()`` is one line saying what to fix (no secret)."""
+
+
+async def check_redis(store: Store, cfg: Config, url: str | None) -> None:
+    """Refuse to start on a Redis we cannot use: without it there is no lock, and every
+    instance (or restart) would fetch its own token."""
+    where = "redis.sentinel" if cfg.redis.sentinel else _safe_url(url or "")
+    try:
+        await store.ping()
+    except RedisError as e:
+        raise StartupError(f"cannot use Redis at {where}: {type(e).__name__}: {_first_line(e)}; check redis.url / redis.password") from None
+
+
+def _safe_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [""])[0][:200]
 
 
 def _summary(refresher: Refresher) -> str:

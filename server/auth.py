@@ -69,6 +69,11 @@ class AuthError(Exception):
         self.retry_after = retry_after
 
 
+#: The principal of ``server.secret``: the operator, who may use every source and whose
+#: forced refresh retries a blocked source.
+OPERATOR = "default"
+
+
 @dataclass(frozen=True)
 class Principal:
     """An authenticated caller: ``name`` for logs, ``sources`` it may use (None: all),
@@ -152,7 +157,7 @@ class Authenticator:
     def __init__(self, cfg: Config, clock: Callable[[], float] = time.monotonic) -> None:
         # Digests, not the secrets: equal-length inputs for compare_digest, and a repr
         # or a heap dump of this object shows no secret.
-        self._secrets: list[tuple[bytes, Principal]] = [(_digest(cfg.server.secret), Principal("default"))]
+        self._secrets: list[tuple[bytes, Principal]] = [(_digest(cfg.server.secret), Principal(OPERATOR))]
         self._clients: dict[str, Principal] = {}
         for client in cfg.clients:
             principal = Principal(client.name, frozenset(client.sources))

@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 TEMPLATE_RE = re.compile(r"<<\s*([^<>\s]*)\s*>>")
 #: Source names become Redis keys and query values: keep them boring.
 SOURCE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
-#: Client names appear in every access log line: keep them boring too.
-CLIENT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+#: Client names appear in every access log line: the same boring alphabet.
+CLIENT_NAME_RE = SOURCE_NAME_RE
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 #: Request secrets that are obviously examples.  Compared case-insensitively.
@@ -348,9 +348,13 @@ def validate(cfg: Config) -> Config:
             cfg.server.host,
         )
     r = cfg.refresh
-    for key in ("interval", "ahead", "max_ttl", "timeout"):
+    for key in ("interval", "ahead", "max_ttl", "timeout", "backoff_max"):
         if getattr(r, key) <= 0:
             raise ConfigError(f"refresh.{key}: must be a positive number of seconds")
+    if r.force_min_interval < 0:
+        raise ConfigError("refresh.force_min_interval: must be 0 or more seconds")
+    if cfg.redis.socket_timeout <= 0:
+        raise ConfigError("redis.socket_timeout: must be a positive number of seconds")
     if r.ahead <= r.interval:
         raise ConfigError(
             f"refresh.ahead: {r.ahead:g} must be greater than refresh.interval ({r.interval:g}), "

@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import re
 from typing import Any
 
 import tornado.web
-from redis.exceptions import RedisError
 
-from server.auth import Authenticator, AuthError, Principal
+from server.auth import OPERATOR, Authenticator, AuthError, Principal
 from server.ratelimit import retry_after_header
 from server.refresher import Refresher, Unavailable
 from server.store import Entry
@@ -69,6 +69,15 @@ class Refused(tornado.web.HTTPError):
     def __init__(self, err: AuthError) -> None:
         super().__init__(err.status, "%s", err.detail, reason=err.reason)
         self.retry_after = err.retry_after
+
+
+class Unavailable503(tornado.web.HTTPError):
+    """503 with the refresher's short reason, and ``Retry-After`` when it is backing off."""
+
+    def __init__(self, err: Unavailable, what: str) -> None:
+        super().__init__(503, "%s: %s", what, err, reason=str(err)[:200])
+        delay = getattr(err, "delay", None)
+        self.retry_after = math.ceil(delay) if isinstance(delay, (int, float)) else None
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -158,7 +167,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_default_headers()
         self.set_status(status_code)
         retry_after = getattr(exc, "retry_after", None)
-        if status_code == 429 and isinstance(retry_after, (int, float)):
+        if status_code in (429, 503) and isinstance(retry_after, (int, float)):
             self.set_header("Retry-After", retry_after_header(retry_after))
         self.finish({"errcode": status_code, "errmsg": reason})
 
@@ -217,9 +226,15 @@ class ForceRefreshHandler(BaseHandler):
                 self.auth.check_forcerefresh(self.principal)
             except AuthError as e:
                 raise Refused(e) from None
+        # The operator (the server.secret holder) may retry a blocked source and skip the
+        # backoff; a business server's forced refresh may not.
+        operator = self.principal is not None and self.principal.name == OPERATOR
         try:
-            entry = await self.refresher.refresh(name, force=True, old=old)
-        except (UpstreamError, Unavailable, RedisError) as e:
+            entry = await self.refresher.refresh(name, force=True, old=old, retry_blocked=operator, ignore_backoff=operator)
+        except Unavailable as e:
+            # Our own short reasons (blocked, backing off, no value): safe to show.
+            raise Unavailable503(e, f"forced refresh of {name} by {who}") from None
+        except UpstreamError as e:
             raise tornado.web.HTTPError(503, "forced refresh of %s by %s failed: %s", name, who, e, reason="refresh failed: upstream is failing") from None
         self.write_entry(entry)
 

@@ -9,14 +9,18 @@ Three layers keep upstream calls to one per rotation:
    skips the call when someone refreshed meanwhile.
 3. Fencing on write (``Store.write``): a slow fetch never overwrites a newer value.
 
+One gate (:meth:`Refresher._gate`) decides whether a call may reach WeChat at all.
 Failures never store anything.  Transient ones back off exponentially with jitter
-(capped at ``refresh.backoff_max``) while the old value is served until it really
-expires; fatal ones (bad secret, IP not whitelisted...) block the source until an
-operator forces a refresh or restarts; 45009 (daily quota) stops calls until the quota
-resets at midnight China time.
+(capped at ``refresh.backoff_max``), announced in Redis so every instance follows the
+same backoff, while the old value is served until it really expires.  Fatal ones (bad
+secret, IP not whitelisted...) block the source, and 45009 (daily quota) until midnight
+China time, announced in Redis too; only an operator's forced refresh (the
+``server.secret`` holder) or a restart tries again.
 
-When Redis is unreachable the refresher keeps values fresh in memory, and puts them back
-(``Store.restore``) when Redis returns empty, without an upstream call.
+When Redis is unreachable the refresher serves values from memory and refreshes them
+there when they are about to expire (never earlier: without the lock another instance
+may be refreshing too); the first read after Redis returns puts them back
+(``Store.restore``), without an upstream call.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -37,14 +42,14 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from server.config import RefreshConfig
 from server.metrics import Metrics
 from server.sources import Fetched, Source
-from server.store import Entry, Snapshot, Store
+from server.store import Block, Entry, Snapshot, Store
 from server.upstream import ErrorKind, Upstream, UpstreamError
 
 logger = logging.getLogger(__name__)
 
 _CHINA = datetime.timezone(datetime.timedelta(hours=8))
 BACKOFF_BASE = 1.0  # seconds before the first retry (before jitter)
-REDIS_RETRY_DELAY = 1.0  # seconds during which reads skip Redis after it failed
+REDIS_RETRY_DELAY = 1.0  # seconds during which reads skip Redis after a Redis error
 READ_WAIT = 0.5  # seconds a request with a valid value in memory waits for Redis
 PREVIOUS_TOKEN_LIFE = 300.0  # seconds WeChat keeps the previous token valid after a new one
 
@@ -59,8 +64,12 @@ class Unavailable(Exception):
     """No valid value can be had now; ``str()`` is the short reason shown to clients."""
 
 
+class Blocked(Unavailable):
+    """The source is blocked (fatal errcode) or out of daily quota: no call was made."""
+
+
 class BackingOff(Unavailable):
-    """Another instance's fetch just failed: wait ``delay`` seconds like it does."""
+    """A fetch failed recently (here or in another instance): wait ``delay`` seconds."""
 
     def __init__(self, message: str, delay: float) -> None:
         super().__init__(message)
@@ -71,21 +80,43 @@ class DependencyUnavailable(Unavailable):
     """A source this one templates in (``<<name>>``) has no valid value and may not be fetched now."""
 
 
+@dataclass(frozen=True)
+class Want:
+    """What a caller of :meth:`Refresher.refresh` asks for.
+
+    ``force``: a new value even if the current one is fresh.  ``old``: the value the
+    caller holds; when it is no longer current nothing is fetched.  ``min_interval``: a
+    forced refresh within ``refresh.force_min_interval`` of the last fetch returns that
+    fetch.  ``retry_blocked``: try a blocked or out-of-quota source again (an operator, a
+    restart).  ``ignore_backoff``: call even while backing off (an operator).
+    """
+
+    force: bool = False
+    old: str | None = None
+    min_interval: bool = True
+    retry_blocked: bool = False
+    ignore_backoff: bool = False
+
+
 @dataclass
 class SourceState:
     """What this process knows about one source.  Times are unix seconds."""
 
     entry: Entry | None = None
     failures: int = 0
-    retry_at: float = 0.0  # no tick fetches before this (backoff)
+    retry_at: float = 0.0  # no fetch before this (backoff), unless an operator forces one
     not_before: float = 0.0  # upstream returned the value we had: no tick fetch before this
-    blocked: UpstreamError | None = None  # fatal error: no fetch until forced
-    quota_until: float = 0.0  # 45009: no fetch before this unless forced
+    block: Block | None = None  # a fatal errcode or 45009: no fetch until retried
+    block_until: float = 0.0  # when the block ends by itself (midnight for 45009, inf for fatal)
+    block_version: int = 0  # the Redis version when blocked: a newer value ends the block
     last_error: str = ""
     upstream_calls: int = 0
     flight: asyncio.Future[Entry] | None = None  # the fetch under way (single flight)
     flight_started: float = 0.0
     retry_handle: object | None = None
+
+    def blocked(self, now: float) -> Block | None:
+        return self.block if self.block is not None and now < self.block_until else None
 
 
 def _landed(state: SourceState, flight: asyncio.Future[Entry]) -> None:
@@ -114,23 +145,28 @@ class Refresher:
         self.metrics.watch(self.status)
         self.states = {name: SourceState() for name in self.sources}
         self._timer: PeriodicCallback | None = None
+        self._stopping = False
         self._tasks: set[asyncio.Future[Any]] = set()  # ticks, retries, wake-ups under way
         self._reads: dict[str, asyncio.Future[Snapshot | None]] = {}  # Redis reads under way
         self._redis_down_logged = False
         self._redis_retry_at = 0.0  # monotonic time before which reads skip Redis
-        #: a lock outlives every call a flight makes: a dependency's plus two of its own
-        self.lock_lease = 3 * cfg.timeout + 5
+        #: a lock outlives the calls made under it; it is renewed before a second call
+        self.lock_lease = 2 * cfg.timeout + 5
 
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Run the first pass now (a PeriodicCallback's first tick comes one period late)."""
-        await self.refresh_due()
+        """Run the first pass now (a PeriodicCallback's first tick comes one period late).
+
+        The first pass tries blocked sources again: a restart is how an operator says so.
+        """
+        await self.refresh_due(first=True)
         self._timer = PeriodicCallback(self._tick, self.cfg.interval * 1000)
         self._timer.start()
 
     def stop(self) -> None:
         """Stop the timer and pending retries; in-flight fetches go on (see drain)."""
+        self._stopping = True
         if self._timer is not None:
             self._timer.stop()
             self._timer = None
@@ -142,7 +178,7 @@ class Refresher:
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for in-flight fetches, then cancel them.
 
-        Cancelled flights still release their Redis locks (``finally`` in _fly).
+        Cancelled fetches still release their Redis locks (``finally`` in _refresh_locked).
         """
         flights = [s.flight for s in self.states.values() if s.flight is not None and not s.flight.done()]
         flights += [t for t in self._tasks if not t.done()]
@@ -163,27 +199,33 @@ class Refresher:
     def _tick(self) -> None:
         self._spawn(self.refresh_due())
 
-    async def refresh_due(self) -> None:
+    async def refresh_due(self, first: bool = False) -> None:
         """One pass: sync every source with Redis and fetch those that need it."""
         for name in self.sources:
             state = self.states[name]
             now = time.time()
-            if state.blocked is not None or now < max(state.quota_until, state.retry_at, state.not_before):
-                await self._read(name)
+            if not first and (state.blocked(now) or now < max(state.retry_at, state.not_before)):
+                await self._read(name)  # keep serving (and reconciling) what Redis holds
                 continue
-            try:
-                await self.refresh(name)
-            except (UpstreamError, Unavailable):
-                pass  # logged and scheduled by _fly
+            await self._attempt(name, Want(retry_blocked=first))
+
+    async def _attempt(self, name: str, want: Want = Want()) -> None:
+        """A background refresh: failures are logged and scheduled by _fly, not raised."""
+        try:
+            await self.refresh(name, force=want.force, retry_blocked=want.retry_blocked)
+        except Unavailable:
+            pass
+        except UpstreamError:
+            pass
 
     # --- reading -------------------------------------------------------------------------
 
     async def current(self, name: str) -> Entry:
-        """The valid value to serve now: Redis's, or memory's while Redis is down.
+        """The valid value to serve now: Redis's, or memory's while Redis is down or slow.
 
         With a valid value in memory, Redis gets at most ``READ_WAIT`` seconds: a hung
-        Redis slows no request.  Raises Unavailable when there is no valid value.
-        Never calls upstream.
+        Redis slows no request (the read goes on and is adopted when it lands).  Raises
+        Unavailable when there is no valid value.  Never calls upstream.
         """
         state = self.states[name]
         pending = self._read_shared(name)
@@ -192,7 +234,6 @@ class Refresher:
             try:
                 snap = await asyncio.wait_for(asyncio.shield(pending), READ_WAIT)
             except asyncio.TimeoutError:
-                self._redis_failed("slow")
                 snap = None
         else:
             snap = await asyncio.shield(pending)
@@ -202,11 +243,11 @@ class Refresher:
         return entry
 
     def _why_unavailable(self, name: str) -> str:
-        state = self.states[name]
-        if state.blocked is not None:
-            return f"source {name} is blocked after errcode {state.blocked.errcode}; see the server log"
-        if time.time() < state.quota_until:
+        block = self.states[name].blocked(time.time())
+        if block is not None and block.kind == "quota":
             return f"source {name}: daily quota reached (45009)"
+        if block is not None:
+            return f"source {name} is blocked after errcode {block.errcode}; see the server log"
         return f"source {name} has no valid value; upstream is failing"
 
     async def _read(self, name: str) -> Snapshot | None:
@@ -226,21 +267,13 @@ class Refresher:
             pending.add_done_callback(lambda f: self._reads.pop(name) if self._reads.get(name) is f else None)
         return pending
 
-    def _redis_failed(self, why: str) -> None:
-        # Skip Redis for a second: requests answer from memory at once instead of each
-        # waiting for a timeout, and nothing hammers a dead Redis.
-        self._redis_retry_at = time.monotonic() + REDIS_RETRY_DELAY
-        if not self._redis_down_logged:
-            logger.error("redis unreachable (%s): serving values held in memory", why)
-            self._redis_down_logged = True
-
     async def _read_redis(self, name: str) -> Snapshot | None:
         """Read Redis and reconcile: adopt Redis's value, unless memory's is newer.
 
-        Memory is newer when Redis lost the value (restarted empty), came back with old
-        data, or failed over to a lagging replica, or when this process fetched while
-        Redis was unreachable: then memory's value is put back (no upstream call), since
-        WeChat may already have retired the one Redis holds.
+        Memory is newer when Redis lost the value (restarted empty, evicted, deleted by
+        hand), came back with old data, or failed over to a lagging replica, or when this
+        process fetched while Redis was unreachable: then memory's value is put back (no
+        upstream call), since WeChat may already have retired the one Redis holds.
         """
         if time.monotonic() < self._redis_retry_at:
             return None
@@ -255,68 +288,116 @@ class Refresher:
                     logger.warning("source %s: redis lacked the newest value; put it back from memory", name)
                 snap = await self.store.read(name)
         except RedisError as e:
-            self._redis_failed(type(e).__name__)
+            # Skip Redis for a second: requests answer from memory at once instead of each
+            # waiting for a timeout, and nothing hammers a dead Redis.
+            self._redis_retry_at = time.monotonic() + REDIS_RETRY_DELAY
+            if not self._redis_down_logged:
+                logger.error("redis unreachable (%s): serving values held in memory", type(e).__name__)
+                self._redis_down_logged = True
             return None
         if self._redis_down_logged:
             logger.warning("redis reachable again")
             self._redis_down_logged = False
+        self._adopt(name, snap)
+        return snap
+
+    def _adopt(self, name: str, snap: Snapshot) -> None:
+        """Take Redis's value and the block another instance announced (or its end)."""
+        state = self.states[name]
         if snap.entry is not None:
             state.entry = snap.entry
-        return snap
+        now = time.time()
+        if snap.blocked is not None:
+            if state.blocked(now) != snap.blocked:
+                self._block(name, snap.blocked, snap.version, "announced by another instance")
+        elif state.block is not None and snap.version > state.block_version:
+            logger.info("source %s: a new value was stored; no longer blocked", name)
+            state.block = None
 
     # --- refreshing ----------------------------------------------------------------------
 
-    def _needed(self, entry: Entry | None, force: bool, old: str | None, min_interval: bool) -> bool:
+    def _needed(self, entry: Entry | None, want: Want) -> bool:
         """Whether a fetch is needed, given the freshest entry known."""
         if entry is None or entry.remaining() <= 0:
             return True
-        if not force:
+        if not want.force:
             return entry.remaining() < self.cfg.ahead
-        if old is not None and old != entry.value:
+        if want.old is not None and want.old != entry.value:
             return False  # someone already rotated it: the caller gets the new one
-        if min_interval and time.time() - entry.fetched_at < self.cfg.force_min_interval:
+        if want.min_interval and time.time() - entry.fetched_at < self.cfg.force_min_interval:
             return False
         return True
 
-    async def refresh(
-        self, name: str, *, force: bool = False, old: str | None = None, min_interval: bool = True, unblock: bool = True
-    ) -> Entry:
-        """A valid value of ``name``, fetched now if needed (or if ``force``).
-
-        ``old``: the value the caller holds; when it is no longer current nothing is
-        fetched.  ``min_interval``: a forced refresh within ``refresh.force_min_interval``
-        of the last fetch returns that fetch.  ``unblock``: a forced refresh (an operator's)
-        tries a blocked or out-of-quota source again.  Raises UpstreamError or Unavailable.
-        """
+    def _gate(self, name: str, want: Want, snap: Snapshot | None) -> None:
+        """Raise unless a call for ``name`` may reach WeChat now (the one place that says so)."""
         state = self.states[name]
-        if force and unblock:
-            state.blocked = None  # an operator's forced refresh tries a blocked source again
-            state.quota_until = 0.0
+        now = time.time()
+        block = state.blocked(now)
+        if block is not None:
+            if not want.retry_blocked:
+                raise Blocked(self._why_unavailable(name))
+            logger.warning("source %s: trying again despite errcode %s, as asked", name, block.errcode)
+        if want.ignore_backoff:
+            return
+        wait = max(state.retry_at - now, snap.backoff if snap is not None else 0.0)
+        if wait > 0:
+            raise BackingOff(f"source {name}: backing off after a failed fetch; next try in {wait:.1f}s", wait)
+
+    async def refresh(
+        self,
+        name: str,
+        *,
+        force: bool = False,
+        old: str | None = None,
+        min_interval: bool = True,
+        retry_blocked: bool = False,
+        ignore_backoff: bool = False,
+    ) -> Entry:
+        """A valid value of ``name``, fetched now if needed (see :class:`Want` for the arguments).
+
+        Raises UpstreamError or Unavailable (Blocked, BackingOff, DependencyUnavailable).
+        """
+        want = Want(force, old, min_interval, retry_blocked, ignore_backoff)
+        state = self.states[name]
         for _ in range(3):
             flight = state.flight
             if flight is None:
-                flight = asyncio.ensure_future(self._fly(name, force, old, min_interval))
+                flight = asyncio.ensure_future(self._fly(name, want))
                 state.flight, state.flight_started = flight, time.time()
                 flight.add_done_callback(partial(_landed, state))
-                return await asyncio.shield(flight)
+                return await self._landing(flight)
             # Join the flight under way.  Its fetch is newer than the caller's value, so it
             # answers a forced refresh too, unless it found the value fresh and fetched nothing.
             started = state.flight_started
-            entry = await asyncio.shield(flight)
-            if entry.fetched_at >= started or not self._needed(entry, force, old, min_interval):
+            try:
+                entry = await self._landing(flight)
+            except (Blocked, BackingOff):
+                if want.retry_blocked or want.ignore_backoff:
+                    continue  # the gate said no to that flight, not to this caller
+                raise
+            if entry.fetched_at >= started or not self._needed(entry, want):
                 return entry
         return entry
 
-    async def _fly(self, name: str, force: bool, old: str | None, min_interval: bool) -> Entry:
+    @staticmethod
+    async def _landing(flight: asyncio.Future[Entry]) -> Entry:
+        try:
+            return await asyncio.shield(flight)
+        except asyncio.CancelledError:
+            if flight.cancelled():  # drain() gave up on it at shutdown
+                raise Unavailable("server shutting down") from None
+            raise
+
+    async def _fly(self, name: str, want: Want) -> Entry:
         state = self.states[name]
         started = time.monotonic()
         try:
-            entry = await self._refresh_locked(name, force, old, min_interval)
+            entry = await self._refresh_locked(name, want)
+        except Blocked:
+            raise
         except BackingOff as e:
-            # Shared backoff: no failure of ours, no extension of theirs (that would starve
-            # the source); just retry when it ends.
-            state.retry_at = time.time() + e.delay
-            self._schedule_retry(name, e.delay + random.uniform(0, 0.2))
+            if state.retry_handle is None:
+                self._schedule_retry(name, e.delay + random.uniform(0, 0.2))
             raise
         except DependencyUnavailable as e:
             # Not this source's failure: no backoff; _wake_dependents retries it as soon
@@ -325,73 +406,113 @@ class Refresher:
                 logger.warning("source %s: waiting: %s", name, e)
             state.last_error = str(e)
             raise
+        except (UpstreamError, Unavailable) as e:
+            self._failed(name, e, time.monotonic() - started)
+            raise
         except RedisError as e:
             err = Unavailable(f"redis error: {type(e).__name__}")
             self._failed(name, err, time.monotonic() - started)
             raise err from None
-        except (UpstreamError, Unavailable) as e:
-            self._failed(name, e, time.monotonic() - started)
-            raise
-        if state.failures or state.blocked:
+        except Exception as e:  # a bug must not stop the refresher or skip the backoff
+            logger.exception("source %s: unexpected error while refreshing", name)
+            err = Unavailable(f"internal error: {type(e).__name__}")
+            self._failed(name, err, time.monotonic() - started)
+            raise err from None
+        if state.failures or state.block:
             logger.info("source %s: recovered after %d failed attempts", name, state.failures)
-        state.failures, state.retry_at, state.blocked, state.last_error = 0, 0.0, None, ""
+        state.failures, state.retry_at, state.block, state.last_error = 0, 0.0, None, ""
         self._wake_dependents(name)
         return entry
 
     def _wake_dependents(self, name: str) -> None:
         """Refresh the sources templating ``name`` that wait for it (no value, or due)."""
+        if self._stopping:
+            return
+        now = time.time()
         for other, source in self.sources.items():
             state = self.states[other]
-            if name in source.deps and state.flight is None and self._needed(state.entry, False, None, True):
-                if state.blocked is None and time.time() >= max(state.quota_until, state.retry_at):
-                    self._spawn(self._retry_one(other))
+            if name in source.deps and state.flight is None and self._needed(state.entry, Want()):
+                if state.blocked(now) is None and now >= state.retry_at:
+                    self._spawn(self._attempt(other))
 
-    async def _refresh_locked(self, name: str, force: bool, old: str | None, min_interval: bool) -> Entry:
+    async def _refresh_locked(self, name: str, want: Want) -> Entry:
         state = self.states[name]
         snap = await self._read(name)
-        if not self._needed(state.entry, force, old, min_interval):
+        if not self._needed(state.entry, want):
             assert state.entry is not None
             return state.entry
-        if snap is None:
-            # Redis is down: no lock to take.  Keep the value fresh in memory; the first
-            # read after Redis returns puts it back (_read_redis).
-            return await self._fetch_and_store(name, force, read_version=None)
-        if snap.backoff > 0 and not force:
-            raise BackingOff(f"source {name}: another instance's fetch failed; retrying in {snap.backoff:.1f}s", snap.backoff)
+        if snap is None:  # reads skip Redis after an error: ask it once more for the lock
+            try:
+                snap = await self.store.read(name)
+                self._adopt(name, snap)
+            except RedisError:
+                return await self._refresh_without_redis(name, want)
+            if not self._needed(state.entry, want):
+                assert state.entry is not None
+                return state.entry
+        self._gate(name, want, snap)
+        # Dependencies first, so this source's lock is never held while waiting for them.
+        values = await self._dependency_values(name)
         deadline = time.monotonic() + self.lock_lease + self.cfg.timeout
         while True:
-            token = await self.store.acquire(name, self.lock_lease)
+            try:
+                token = await self.store.acquire(name, self.lock_lease)
+            except RedisError:
+                return await self._refresh_without_redis(name, want, values)
             if token is not None:
                 break
             entry = await self._wait_for_other(name, snap.version, deadline)
-            if not self._needed(entry, force, old, min_interval):
-                assert entry is not None
+            # A value stored since we asked answers a forced refresh too, as a joined
+            # flight does in one process.
+            if entry is not None and (want.force or not self._needed(entry, want)):
                 return entry
             if time.monotonic() > deadline:
                 raise Unavailable(f"source {name}: another instance holds the refresh lock")
         try:
             snap = await self.store.read(name)  # under the lock: did someone refresh meanwhile?
-            if snap.entry is not None:
-                state.entry = snap.entry
-            if not self._needed(state.entry, force, old, min_interval):
+            self._adopt(name, snap)
+            if not self._needed(state.entry, want):
                 assert state.entry is not None
                 return state.entry
-            return await self._fetch_and_store(name, force, snap.version)
+            self._gate(name, want, snap)
+            return await self._fetch_and_store(name, want.force, values, snap.version, token)
         except UpstreamError as e:
-            if e.kind is ErrorKind.TRANSIENT:
-                # Announce the backoff before releasing the lock, so no other instance
-                # slips a call in between.  The count is the cluster's, not ours alone.
-                state.failures = max(state.failures, snap.failures)
-                try:
-                    await self.store.set_backoff(name, self._backoff_floor(state.failures + 1, e), state.failures + 1)
-                except RedisError:
-                    pass
+            # Announce before releasing the lock, so no other instance slips a call in.
+            await self._announce(name, e, snap)
             raise
         finally:
             try:
                 await asyncio.shield(self.store.release(name, token))
             except RedisError:
                 pass  # the lease expires by itself
+
+    async def _refresh_without_redis(self, name: str, want: Want, values: dict[str, str] | None = None) -> Entry:
+        """Redis is unreachable: no lock, no fencing.  Refresh in memory, but only a value
+        about to expire (or on a forced refresh): earlier, another instance may be
+        refreshing too, and two fetches would retire each other's tokens."""
+        entry = self.states[name].entry
+        if not want.force and entry is not None and entry.remaining() > self.cfg.interval + self.cfg.timeout:
+            return entry
+        self._gate(name, want, None)
+        if values is None:
+            values = await self._dependency_values(name)
+        return await self._fetch_and_store(name, want.force, values, None, None)
+
+    async def _announce(self, name: str, err: UpstreamError, snap: Snapshot) -> None:
+        """Tell the other instances: back off (transient), or make no call (fatal, quota)."""
+        state = self.states[name]
+        try:
+            if err.kind is ErrorKind.TRANSIENT:
+                failures = max(state.failures, snap.failures) + 1
+                state.failures = failures - 1  # _failed adds ours: the count is the cluster's
+                await self.store.set_backoff(name, self._backoff_floor(failures, err), failures)
+            elif err.kind is ErrorKind.FATAL:
+                await self.store.set_blocked(name, Block("fatal", err.errcode or 0, err.errmsg), None)
+            elif err.kind is ErrorKind.QUOTA:
+                now = time.time()
+                await self.store.set_blocked(name, Block("quota", err.errcode or 0, err.errmsg), next_quota_reset(now) - now)
+        except RedisError:
+            pass
 
     async def _wait_for_other(self, name: str, version: int, deadline: float) -> Entry | None:
         """Poll while another process holds the lock; its new value, or None if it gave up."""
@@ -401,23 +522,29 @@ class Refresher:
             delay = min(delay * 2, 0.5)
             snap = await self.store.read(name)
             if snap.version != version and snap.entry is not None:
-                self.states[name].entry = snap.entry
+                self._adopt(name, snap)
                 return snap.entry
             if not await self.store.locked(name):
                 snap = await self.store.read(name)
+                self._adopt(name, snap)
                 if snap.version != version and snap.entry is not None:
-                    self.states[name].entry = snap.entry
                     return snap.entry
                 # The holder released without a new value: its fetch failed.  Do not
-                # follow with a call of our own (a crowd would); back off like it does.
+                # follow with a call of our own (a crowd would); do as it announced.
+                if snap.blocked is not None:
+                    raise Blocked(self._why_unavailable(name))
                 if snap.backoff > 0:
                     raise BackingOff(f"source {name}: the instance holding the refresh lock failed to fetch", snap.backoff)
                 raise Unavailable(f"source {name}: the instance holding the refresh lock failed to fetch")
         return None
 
-    async def _fetch_and_store(self, name: str, force: bool, read_version: int | None) -> Entry:
+    async def _fetch_and_store(
+        self, name: str, force: bool, values: dict[str, str], read_version: int | None, token: str | None
+    ) -> Entry:
+        """Call upstream and store the value, fenced by ``read_version`` (None: Redis is
+        unreachable, keep it in memory).  ``token`` is the lock held, renewed before a retry."""
         fetched_at = time.time()
-        fetched = await self._call_upstream(name, force)
+        fetched = await self._call_upstream(name, force, values, token)
         life = min(fetched.expires_in, self.cfg.max_ttl)
         state = self.states[name]
         if not force and state.entry is not None and fetched.value == state.entry.value:
@@ -432,48 +559,59 @@ class Refresher:
         # newer than what Redis held (_read_redis puts it back when Redis returns).
         base = read_version if read_version is not None else state.entry.version if state.entry else 0
         memory = Entry(fetched.value, fetched_at + life, fetched_at, base + 1, fetched.field)
-        if read_version is None:
+        stored: Entry | None = None
+        if read_version is not None:
+            try:
+                stored = await self.store.write(name, fetched.value, life, fetched_at, fetched.field, read_version)
+                if stored is None:
+                    return await self._fenced_out(name, fetched, memory)
+            except RedisError:
+                pass
+        if stored is None:
             state.entry = memory
             logger.warning("source %s: new value %s... kept in memory only (redis unreachable)", name, fetched.value[:6])
             return memory
-        try:
-            stored = await self.store.write(name, fetched.value, life, fetched_at, fetched.field, read_version)
-        except RedisError:
-            state.entry = memory
-            logger.warning("source %s: new value %s... kept in memory only (redis write failed)", name, fetched.value[:6])
-            return memory
-        if stored is None:
-            # Fenced out: another process stored a value while our (slow) fetch ran.
-            snap = await self.store.read(name)
-            if snap.entry is None:
-                state.entry = memory
-                return memory
-            state.entry = snap.entry
-            if snap.entry.value != fetched.value:
-                # Our fetch may have been issued after theirs, making theirs WeChat's
-                # "previous" token, valid 5 more minutes only.  Let it be refreshed soon.
-                await self.store.cap_life(name, snap.entry.value, PREVIOUS_TOKEN_LIFE)
-            logger.warning("source %s: a value was stored while our fetch ran; keeping it, discarding ours", name)
-            return snap.entry
         state.entry = stored
         logger.info("source %s: new value %s... stored, life %.0fs", name, stored.value[:6], life)
         return stored
 
-    async def _call_upstream(self, name: str, force: bool) -> Fetched:
-        """One upstream call with dependencies filled in; on a stale dependency, one retry."""
+    async def _fenced_out(self, name: str, fetched: Fetched, memory: Entry) -> Entry:
+        """Another process stored a value while our (slow) fetch ran: keep theirs."""
+        snap = await self.store.read(name)
+        self._adopt(name, snap)
+        if snap.entry is None:
+            self.states[name].entry = memory
+            return memory
+        if snap.entry.value != fetched.value:
+            # Our fetch may have been issued after theirs, making theirs WeChat's
+            # "previous" token, valid 5 more minutes only.  Let it be refreshed soon.
+            await self.store.cap_life(name, snap.entry.value, PREVIOUS_TOKEN_LIFE)
+        logger.warning("source %s: a value was stored while our fetch ran; keeping it, discarding ours", name)
+        return snap.entry
+
+    async def _call_upstream(self, name: str, force: bool, values: dict[str, str], token: str | None) -> Fetched:
+        """One upstream call; on a stale dependency (40001...), refresh it once and retry once."""
         source = self.sources[name]
-        values = {dep: (await self._dependency(dep)).value for dep in source.deps}
         try:
             return await self._upstream_fetch(source, values, force)
         except UpstreamError as e:
             if e.kind is not ErrorKind.STALE_TOKEN:
                 raise
             logger.warning("source %s: errcode %s with the current %s; refreshing it once", name, e.errcode, "/".join(source.deps))
-            # Refresh each dependency only if the value we used is still current: when
-            # someone else already rotated it, we simply take the new one.
-            for dep in source.deps:
-                values[dep] = (await self.refresh(dep, force=True, old=values[dep], min_interval=False, unblock=False)).value
-            return await self._upstream_fetch(source, values, force)
+        # Refresh each dependency only if the value we used is still current: when someone
+        # else already rotated it, we simply take the new one.  Its gate applies (a blocked
+        # or backing-off token is not fetched for us), and its failure is its own.
+        for dep in source.deps:
+            try:
+                values[dep] = (await self.refresh(dep, force=True, old=values[dep], min_interval=False)).value
+            except (UpstreamError, Unavailable) as err:
+                raise DependencyUnavailable(f"{dep} could not be refreshed ({err})") from None
+        if token is not None:
+            try:
+                await self.store.extend(name, token, self.lock_lease)
+            except RedisError:
+                pass
+        return await self._upstream_fetch(source, values, force)
 
     async def _upstream_fetch(self, source: Source, values: dict[str, str], force: bool) -> Fetched:
         """One counted, timed upstream call."""
@@ -488,45 +626,56 @@ class Refresher:
         finally:
             self.metrics.observe_upstream(source.name, result, time.monotonic() - started)
 
-    async def _dependency(self, dep: str) -> Entry:
-        """A valid value of ``dep`` for a dependent's request.
+    async def _dependency_values(self, name: str) -> dict[str, str]:
+        return {dep: (await self._dependency(dep)).value for dep in self.sources[name].deps}
 
-        Fetched if due, but never on a dependent's behalf while ``dep`` is blocked, out of
-        quota or backing off: that would bypass its backoff on every tick.
-        """
+    async def _dependency(self, dep: str) -> Entry:
+        """A valid value of ``dep`` for a dependent's request, fetched if due (through its gate)."""
         state = self.states[dep]
-        if state.blocked is not None or time.time() < max(state.quota_until, state.retry_at):
-            if state.entry is not None and state.entry.remaining() > 0:
-                return state.entry
-            raise DependencyUnavailable(f"{dep} has no valid value ({state.last_error or 'failing'})")
+        if state.entry is not None and state.entry.remaining() >= self.cfg.ahead:
+            return state.entry
         try:
             return await self.refresh(dep)
         except (UpstreamError, Unavailable) as e:
+            if state.entry is not None and state.entry.remaining() > 0:
+                return state.entry  # not renewed now, but still valid
             raise DependencyUnavailable(f"{dep} has no valid value ({e})") from None
+
+    # --- failures ------------------------------------------------------------------------
+
+    def _block(self, name: str, block: Block, version: int, how: str) -> None:
+        state = self.states[name]
+        now = time.time()
+        state.block, state.block_version = block, version
+        state.block_until = next_quota_reset(now) if block.kind == "quota" else math.inf
+        if state.retry_handle is not None:
+            IOLoop.current().remove_timeout(state.retry_handle)
+            state.retry_handle = None
+        if block.kind == "quota":
+            logger.error(
+                "source %s: daily quota reached (errcode %s: %s, %s); no calls until %s (or an operator's forced refresh)",
+                name, block.errcode, block.errmsg, how, datetime.datetime.fromtimestamp(state.block_until, _CHINA).isoformat(),
+            )
+        else:
+            m = UpstreamError(ErrorKind.FATAL, "", block.errcode, block.errmsg).ip
+            ip = f"; WeChat saw our IP as {m}: add it to the account's IP whitelist" if m else ""
+            logger.error(
+                "source %s: BLOCKED after errcode %s (%s, %s)%s; no more calls until an operator's forced refresh or a restart",
+                name, block.errcode, block.errmsg, how, ip,
+            )
 
     def _failed(self, name: str, err: Exception, elapsed: float) -> None:
         state = self.states[name]
         state.failures += 1
         state.last_error = str(err)
-        now = time.time()
-        if isinstance(err, UpstreamError) and err.kind is ErrorKind.FATAL:
-            state.blocked = err
-            ip = f"; WeChat saw our IP as {err.ip}: add it to the account's IP whitelist" if err.ip else ""
-            logger.error(
-                "source %s: BLOCKED after errcode %s (%s)%s; no more calls until a forced refresh or restart",
-                name, err.errcode, err.errmsg, ip,
-            )
-            return
-        if isinstance(err, UpstreamError) and err.kind is ErrorKind.QUOTA:
-            state.quota_until = next_quota_reset(now)
-            logger.error(
-                "source %s: daily quota reached (errcode 45009: %s); no calls until %s (or a forced refresh)",
-                name, err.errmsg, datetime.datetime.fromtimestamp(state.quota_until, _CHINA).isoformat(),
-            )
+        if isinstance(err, UpstreamError) and err.kind in (ErrorKind.FATAL, ErrorKind.QUOTA):
+            kind = "quota" if err.kind is ErrorKind.QUOTA else "fatal"
+            version = state.entry.version if state.entry else 0
+            self._block(name, Block(kind, err.errcode or 0, err.errmsg), version, f"after {elapsed:.2f}s")
             return
         floor = self._backoff_floor(state.failures, err)
         delay = random.uniform(floor, 2 * floor)
-        state.retry_at = now + delay
+        state.retry_at = time.time() + delay
         entry = state.entry
         serving = f"serving the old value ({entry.remaining():.0f}s left)" if entry and entry.remaining() > 0 else "no valid value"
         logger.warning(
@@ -537,7 +686,7 @@ class Refresher:
 
     def _backoff_floor(self, failures: int, err: Exception) -> float:
         """Seconds to wait at least after ``failures`` consecutive failures (the jittered
-        delay is between this and twice this): half of 1 s, 2 s, 4 s ... up to half of
+        delay is between this and twice this): 0.5, 1, 2 ... up to half of
         ``refresh.backoff_max``, and at least what the errcode asks (45011: a minute)."""
         cap = min(self.cfg.backoff_max, BACKOFF_BASE * 2 ** max(0, failures - 1))
         return max(cap / 2, getattr(err, "retry_after", 0.0))
@@ -550,21 +699,16 @@ class Refresher:
 
     def _retry(self, name: str) -> None:
         self.states[name].retry_handle = None
-        if self._timer is not None:  # not after stop()
-            self._spawn(self._retry_one(name))
-
-    async def _retry_one(self, name: str) -> None:
-        try:
-            await self.refresh(name)
-        except (UpstreamError, Unavailable):
-            pass
+        if not self._stopping:
+            self._spawn(self._attempt(name))
 
     def status(self) -> dict[str, dict[str, Any]]:
         """Per source: state, seconds left, failures, last error (no values): for /status."""
         out = {}
         now = time.time()
         for name, s in self.states.items():
-            st = "blocked" if s.blocked else "quota" if now < s.quota_until else "backoff" if s.failures else "ok"
+            block = s.blocked(now)
+            st = ("quota" if block.kind == "quota" else "blocked") if block else "backoff" if s.failures else "ok"
             out[name] = {
                 "state": st,
                 "expires_in": int(s.entry.remaining(now)) if s.entry and s.entry.remaining(now) > 0 else 0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import urllib.parse
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,16 +28,16 @@ class ParseError(Exception):
 @dataclass(frozen=True)
 class UpstreamRequest:
     method: str
-    url: str  # with the query string: contains secrets, never log it
-    body: bytes | None
-    safe_url: str  # scheme, host and path only: what logs may show
+    url: str = dataclasses.field(repr=False)  # with the query string: holds the appsecret, never log it
+    body: bytes | None = dataclasses.field(repr=False)  # may hold the appsecret (stable_token)
+    safe_url: str = ""  # scheme, host and path only: what logs may show
 
 
 @dataclass(frozen=True)
 class Fetched:
-    value: str
-    expires_in: float  # seconds of life WeChat announced
-    field: str  # the answer's field that held the value; our API answers with the same name
+    value: str = dataclasses.field(repr=False)  # a whole token: never in a repr
+    expires_in: float = 0.0  # seconds of life WeChat announced
+    field: str = "access_token"  # the answer's field that held the value; our API answers with the same name
 
 
 def _render(value: Any, values: Mapping[str, str]) -> Any:

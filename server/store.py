@@ -13,6 +13,10 @@ Layout for a source ``NAME`` under the configured ``prefix`` (source names canno
 ``<prefix>NAME:lock``
     ``SET NX PX`` lock a process holds while it fetches NAME; its value is a random
     token so only the holder deletes it.
+``<prefix>NAME:blocked``
+    JSON ``{"kind": "fatal"|"quota", "errcode", "errmsg"}`` while no instance may call
+    upstream for NAME (a fatal error until a value is stored, 45009 until midnight China
+    time); an operator's forced refresh or a restart tries again.
 ``<prefix>NAME:backoff`` and ``<prefix>NAME:failures``
     Present (with a TTL) while no instance should retry NAME after a failed fetch, and
     the count of consecutive failures (deleted by the next write): several instances back
@@ -26,6 +30,7 @@ the newer value.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -45,17 +50,18 @@ logger = logging.getLogger(__name__)
 #: so this bounds concurrent commands across sources, locks and scripts.
 MAX_CONNECTIONS = 50
 
-# KEYS[1] value key, KEYS[2] meta key, KEYS[3] backoff key, KEYS[4] failures key
+# KEYS[1] value key, KEYS[2] meta key, KEYS[3] backoff key, KEYS[4] failures key,
+# KEYS[5] blocked key
 # ARGV[1] value, ARGV[2] TTL in ms, ARGV[3] version the writer read, ARGV[4] fetched_at,
 # ARGV[5] expires_at, ARGV[6] field
 # Returns the new version, or -(current version) when the writer was fenced out.
-# A stored value ends any backoff the instances were following.
+# A stored value ends any backoff or block the instances were following.
 _WRITE_LUA = """
 local current = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
 if current ~= tonumber(ARGV[3]) then
   return -current
 end
-redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], 'version', current + 1, 'fetched_at', ARGV[4],
            'expires_at', ARGV[5], 'field', ARGV[6])
@@ -68,17 +74,20 @@ return current + 1
 # ARGV[1] value, ARGV[2] TTL in ms, ARGV[3] the value's version, ARGV[4] fetched_at,
 # ARGV[5] expires_at, ARGV[6] field
 # Newer means a higher version, or the same version and a later fetched_at (a value fetched
-# while Redis was unreachable carries the version it was based on + 1).  The new version
+# while Redis was unreachable carries the version it was based on + 1); the very same
+# version is put back when only its value key is gone (evicted, or deleted by hand).  The new version
 # is above every version Redis held, so a fenced writer that read an older one fails.
 # Returns the new version, or 0 when Redis's is as new or newer.
 _RESTORE_LUA = """
-local v = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
-local f = tonumber(redis.call('HGET', KEYS[2], 'fetched_at') or '0')
-local ev = tonumber(ARGV[3])
-if v > ev or (v == ev and f >= tonumber(ARGV[4])) then
+local v = tonumber(redis.call('HGET', KEYS[2], 'version') or '0') or 0
+local f = tonumber(redis.call('HGET', KEYS[2], 'fetched_at') or '0') or 0
+local ev, ef = tonumber(ARGV[3]), tonumber(ARGV[4])
+local same = (v == ev and f == ef)
+if v > ev or (v == ev and f > ef) or (same and redis.call('EXISTS', KEYS[1]) == 1) then
   return 0
 end
-local nv = math.max(v + 1, ev)
+-- the same value whose key alone was lost (evicted, deleted) keeps its version
+local nv = same and v or math.max(v + 1, ev)
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], 'version', nv, 'fetched_at', ARGV[4],
            'expires_at', ARGV[5], 'field', ARGV[6])
@@ -92,6 +101,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('PTTL', KEYS[1]) > tonum
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   redis.call('HSET', KEYS[2], 'expires_at', ARGV[3])
   return 1
+end
+return 0
+"""
+
+# KEYS[1] lock key; ARGV[1] the holder's token, ARGV[2] lease in ms.  Renews the lease only
+# if we still hold the lock.
+_EXTEND_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
@@ -120,7 +138,33 @@ class Entry:
         return self.expires_at - (time.time() if now is None else now)
 
     def __repr__(self) -> str:
-        return f"Entry({self.value[:8]}..., v{self.version}, {self.remaining():.0f}s left)"
+        return f"Entry({self.value[:6]}..., v{self.version}, {self.remaining():.0f}s left)"
+
+
+@dataclass(frozen=True)
+class Block:
+    """Why a source makes no upstream call: ``kind`` "fatal" or "quota", WeChat's errcode and errmsg."""
+
+    kind: str
+    errcode: int
+    errmsg: str
+
+
+def _number(raw: str | None) -> float:
+    try:
+        return float(raw) if raw else 0.0
+    except ValueError:
+        return 0.0
+
+
+def _blocked(raw: str | None) -> Block | None:
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+        return Block(str(data["kind"]), int(data["errcode"]), str(data["errmsg"]))
+    except (ValueError, KeyError, TypeError):
+        return Block("fatal", 0, "unreadable block marker")
 
 
 @dataclass(frozen=True)
@@ -132,6 +176,7 @@ class Snapshot:
     version: int
     backoff: float = 0.0
     failures: int = 0  # consecutive failures the announced backoff follows
+    blocked: Block | None = None  # set by the instance that got a fatal error or 45009
 
 
 def build_redis(cfg: RedisConfig, url: str | None = None) -> aioredis.Redis:
@@ -181,6 +226,7 @@ class Store:
         self._restore = redis.register_script(_RESTORE_LUA)
         self._release = redis.register_script(_RELEASE_LUA)
         self._cap = redis.register_script(_CAP_LUA)
+        self._extend = redis.register_script(_EXTEND_LUA)
 
     def __repr__(self) -> str:
         # The client's repr would show its connection kwargs; say only the prefix.
@@ -204,15 +250,17 @@ class Store:
             pipe.hmget(key + ":meta", "version", "fetched_at", "field")
             pipe.get(key + ":failures")
             pipe.pttl(key + ":backoff")
-            value, pttl, (version, fetched_at, field), failures, backoff_ms = await pipe.execute()
-        v = int(version or 0)
+            pipe.get(key + ":blocked")
+            value, pttl, (version, fetched_at, field), failures, backoff_ms, blocked = await pipe.execute()
+        # Metadata someone garbled must not turn every read into an error.
+        v = int(_number(version))
         backoff = max(0, backoff_ms or 0) / 1000.0
-        shared = int(failures) if failures and failures.isdigit() else 0
+        block = _blocked(blocked)
         if value is None or pttl is None or pttl <= 0:
-            return Snapshot(None, v, backoff, shared)
+            return Snapshot(None, v, backoff, int(_number(failures)), block)
         now = time.time()
-        entry = Entry(value, now + pttl / 1000.0, float(fetched_at or now), v, field or "access_token")
-        return Snapshot(entry, v, backoff, shared)
+        entry = Entry(value, now + pttl / 1000.0, _number(fetched_at) or now, v, field or "access_token")
+        return Snapshot(entry, v, backoff, int(_number(failures)), block)
 
     async def write(self, name: str, value: str, life: float, fetched_at: float, field: str, read_version: int) -> Entry | None:
         """Store a freshly fetched value with ``life`` seconds to live.
@@ -225,7 +273,7 @@ class Store:
         ttl_ms = max(1, int((expires_at - time.time()) * 1000))
         result = int(
             await self._write(
-                keys=[key, key + ":meta", key + ":backoff", key + ":failures"],
+                keys=[key, key + ":meta", key + ":backoff", key + ":failures", key + ":blocked"],
                 args=[value, ttl_ms, read_version, repr(fetched_at), repr(expires_at), field],
             )
         )
@@ -255,6 +303,12 @@ class Store:
         ms = max(1, int(life * 1000))
         return bool(await self._cap(keys=[key, key + ":meta"], args=[value, ms, repr(time.time() + life)]))
 
+    async def set_blocked(self, name: str, block: Block, ttl: float | None) -> None:
+        """Tell every instance to make no call for ``name`` (a fatal error, or the daily
+        quota), for ``ttl`` seconds or until a value is stored (None)."""
+        data = json.dumps({"kind": block.kind, "errcode": block.errcode, "errmsg": block.errmsg[:300]})
+        await self.redis.set(self.key(name) + ":blocked", data, px=None if ttl is None else max(1, int(ttl * 1000)))
+
     async def set_backoff(self, name: str, delay: float, failures: int) -> None:
         """Tell every instance not to retry ``name`` for ``delay`` seconds (forced refreshes
         still may), after ``failures`` consecutive failed fetches."""
@@ -275,6 +329,10 @@ class Store:
     async def release(self, name: str, token: str) -> bool:
         """Release the lock if ``token`` still holds it (compare-and-delete)."""
         return bool(await self._release(keys=[self.key(name) + ":lock"], args=[token]))
+
+    async def extend(self, name: str, token: str, lease: float) -> bool:
+        """Renew the lock for ``lease`` seconds if ``token`` still holds it."""
+        return bool(await self._extend(keys=[self.key(name) + ":lock"], args=[token, max(1, int(lease * 1000))]))
 
     async def locked(self, name: str) -> bool:
         return bool(await self.redis.exists(self.key(name) + ":lock"))

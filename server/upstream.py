@@ -120,14 +120,13 @@ class Upstream:
         try:
             # raise_error=False only covers non-200 answers; a timeout still raises (code 599).
             response = await self.client.fetch(req, raise_error=False)
-        except HTTPClientError as e:
-            what = "timeout" if e.code == 599 else f"HTTP {e.code}"
-            raise UpstreamError(ErrorKind.TRANSIENT, f"no answer from {request.safe_url} ({what})") from None
+        except HTTPClientError:  # only code 599: a timeout or a lost connection
+            raise UpstreamError(ErrorKind.TRANSIENT, f"no answer from {request.safe_url} (timeout)") from None
         except Exception as e:  # connection refused, DNS, TLS: these messages name no URL
             raise UpstreamError(ErrorKind.TRANSIENT, f"{request.safe_url}: {type(e).__name__}: {e}") from None
         if response.code != 200:
             raise UpstreamError(ErrorKind.TRANSIENT, f"HTTP {response.code} from {request.safe_url}")
         try:
             return json.loads(response.body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: a nesting bomb
             raise UpstreamError(ErrorKind.TRANSIENT, f"non-JSON answer from {request.safe_url}") from None

@@ -200,7 +200,7 @@ async def test_slow_fetch_whose_lock_expired_cannot_overwrite_a_newer_value(toke
     await wait_until(lambda: sandbox.calls[TOKEN_PATH] == 2 and redis_sync.exists("access_token:lock"), 5, "A's fetch to start")
 
     # A's lease runs out while it still waits for WeChat: what a holder stalled past its
-    # lease (GC, VM pause) sees.  The lease itself (3 * timeout + 5 s) outlives any call.
+    # lease (GC, VM pause) sees.  The lease itself (2 * timeout + 5 s, renewed before a second call) outlives any call.
     redis_sync.pexpire("access_token:lock", 1)
     await wait_until(lambda: not redis_sync.exists("access_token:lock"), 2, "the lease to expire")
     status, body = await b.get("/wechat/token/forcerefresh", type="access_token")

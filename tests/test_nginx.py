@@ -65,22 +65,40 @@ def nginx_for(tmp_path):
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_nginx_proxies_over_tls_and_logs_no_query_string(make_config, start_server, nginx_for, sandbox):
+async def test_nginx_proxies_over_tls_and_keeps_secrets_out_of_its_logs(make_config, start_server, nginx_for, sandbox):
+    from server.app import stop
+
     srv = await start_server(make_config())
     https, access_log = nginx_for(srv.port)
+    error_log = access_log.replace(".access.log", ".error.log")
     client = AsyncHTTPClient(force_instance=True)
-    url = f"https://127.0.0.1:{https}/wechat/token?type=access_token&secret={TEST_SECRET}"
-    for _ in range(50):  # nginx may need a moment to bind
-        resp = await client.fetch(url, validate_cert=False, raise_error=False)
-        if resp.code != 599:
-            break
-        time.sleep(0.1)
-    assert resp.code == 200
-    assert b'"access_token"' in resp.body and sandbox.current_token().encode() in resp.body
-    resp = await client.fetch(f"https://127.0.0.1:{https}/wechat/token?type=access_token&secret=wrong", validate_cert=False, raise_error=False)
+    base = f"https://127.0.0.1:{https}/wechat/token?type=access_token"
+
+    async def get(url, **headers):
+        for _ in range(50):  # nginx may need a moment to bind
+            resp = await client.fetch(url, headers=headers, validate_cert=False, raise_error=False)
+            if resp.code != 599:
+                return resp
+            time.sleep(0.1)
+        return resp
+
+    resp = await get(base, **{"X-Token-Secret": TEST_SECRET})
+    assert resp.code == 200 and sandbox.current_token().encode() in resp.body
+    resp = await get(base, **{"X-Token-Secret": "wrong-secret-0123456789"})
     assert resp.code == 403 and resp.body.startswith(b'{"errcode": 403')
+    # A secret in the URL is refused by nginx itself, with a JSON error saying what to do.
+    resp = await get(f"{base}&secret={TEST_SECRET}")
+    assert resp.code == 400 and b"X-Token-Secret header" in resp.body
+    # Every instance down: JSON 503, and the error log (which writes the request line) has
+    # nothing secret because the secret travels in a header.
+    await stop(srv, 1.0)
+    resp = await get(base, **{"X-Token-Secret": TEST_SECRET})
+    assert resp.code == 503 and resp.body.startswith(b'{"errcode": 503')
     client.close()
     time.sleep(0.2)
     log = open(access_log).read()
-    assert "GET /wechat/token HTTP/" in log and " 200 " in log and " 403 " in log
-    assert TEST_SECRET not in log and "secret=" not in log and "wrong" not in log
+    assert "GET /wechat/token HTTP/" in log and " 200 " in log and " 403 " in log and " 400 " in log
+    errors = open(error_log).read()
+    assert "connect() failed" in errors or "upstream" in errors  # the failure was logged...
+    for text in (log, errors):
+        assert TEST_SECRET not in text and "secret=" not in text  # ...without the secret

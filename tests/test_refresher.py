@@ -23,7 +23,7 @@ async def wait_until(predicate, timeout=5.0, step=0.05):
 
 
 @pytest.mark.gen_test
-async def test_first_pass_runs_before_listening_and_stores_plain_keys(make_config, start_server, sandbox, redis_sync):
+async def test_first_pass_is_done_when_start_returns_and_stores_plain_keys(make_config, start_server, sandbox, redis_sync):
     await start_server(make_config())
     # start() returned: the first pass is done, nothing waited for a tick.
     assert sandbox.calls[TOKEN_PATH] == 1 and sandbox.calls[TICKET_PATH] == 1
@@ -91,9 +91,11 @@ async def test_failed_fetch_stores_nothing_then_retries_with_backoff(kind, make_
     assert redis_sync.get("ticket") is None
     status, body = await call(srv.port, "/wechat/token", type="access_token")
     assert status == 503 and body["errcode"] == 503
-    # The retry comes from the backoff (about 0.5-1 s), not from each 0.2 s tick.
-    assert await wait_until(lambda: redis_sync.get("access_token") is not None, timeout=4)
-    assert sandbox.calls[TOKEN_PATH] == 2
+    # The retry comes from the backoff (0.5-1 s), not from the next 0.2 s tick.
+    failed_at = time.monotonic()
+    assert await wait_until(lambda: sandbox.calls[TOKEN_PATH] == 2, timeout=4, step=0.02)
+    assert time.monotonic() - failed_at >= 0.4
+    assert await wait_until(lambda: redis_sync.get("access_token") is not None, timeout=2)
     status, body = await call(srv.port, "/wechat/token", type="access_token")
     assert status == 200 and sandbox.token_status(body["access_token"]) == 0
     assert await wait_until(lambda: redis_sync.get("ticket") is not None, timeout=4)
@@ -108,13 +110,22 @@ async def test_timeout_is_a_transient_failure(make_config, start_server, call, s
     assert await wait_until(lambda: redis_sync.get("access_token") is not None, timeout=5)
 
 
-@pytest.mark.gen_test(timeout=15)
-async def test_transient_failures_back_off_exponentially(make_config, start_server, sandbox):
+@pytest.mark.gen_test(timeout=20)
+async def test_transient_failures_back_off_exponentially_up_to_the_cap(make_config, start_server, sandbox):
     sandbox.inject(TOKEN_PATH, "busy", times=None)
-    await start_server(make_config(refresh=FAST))
-    await asyncio.sleep(3.0)
-    # 15 ticks passed; backoff 1, 2, 4 s (jittered to half or more) allows at most 4 attempts.
-    assert 2 <= sandbox.calls[TOKEN_PATH] <= 4
+    await start_server(make_config(refresh=dict(FAST, backoff_max=2)))
+    times = [time.monotonic()]
+    deadline = times[0] + 6.5
+    while time.monotonic() < deadline:  # note when each attempt lands
+        if sandbox.calls[TOKEN_PATH] > len(times):
+            times.append(time.monotonic())
+        await asyncio.sleep(0.02)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    # 32 ticks passed.  Delays: 0.5-1 s, then 1-2 s, then capped at 1-2 s (backoff_max 2).
+    assert 3 <= len(gaps) <= 7, gaps
+    assert 0.45 <= gaps[0] <= 1.3, gaps
+    assert gaps[1] >= 0.95, gaps
+    assert max(gaps) <= 2.3, gaps
 
 
 @pytest.mark.gen_test(timeout=15)
@@ -144,8 +155,9 @@ async def test_fatal_errcode_blocks_the_source_until_forced(errcode, make_config
     if errcode == 40164:
         assert "203.0.113.9" in blocked[0] and "whitelist" in blocked[0]
     status, body = await call(srv.port, "/wechat/token", type="access_token")
-    assert status == 503 and "blocked" in body["errmsg"] or status == 503
-    # An operator's forced refresh tries again, once.
+    assert status == 503 and body["errmsg"] == "no valid value: upstream is failing"
+    assert srv.refresher.status()["access_token"]["state"] == "blocked"
+    # An operator's forced refresh (server.secret) tries again, once.
     sandbox.clear_faults()
     status, body = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")
     assert status == 200 and sandbox.calls[TOKEN_PATH] == 2
@@ -160,6 +172,11 @@ async def test_daily_quota_stops_calls_until_reset(make_config, start_server, sa
     assert sandbox.calls[TOKEN_PATH] == 1
     assert any("45009" in r.getMessage() and "daily quota" in r.getMessage() for r in caplog.records)
     assert srv.refresher.status()["access_token"]["state"] == "quota"
+    import datetime
+
+    until = datetime.datetime.fromtimestamp(srv.refresher.states["access_token"].block_until, datetime.timezone(datetime.timedelta(hours=8)))
+    assert (until.hour, until.minute, until.second) == (0, 0, 0)
+    assert 0 < until.timestamp() - time.time() <= 86400
 
 
 @pytest.mark.gen_test(timeout=15)
@@ -264,3 +281,155 @@ async def test_instances_on_one_redis_back_off_together(make_config, start_serve
     # One server alone: attempts at about 0, 0.5-1, 1.5-3 s (at most 4). Three on their own: ~3x.
     assert 2 <= sandbox.calls[TOKEN_PATH] <= 4
     assert int(redis_sync.get("access_token:failures")) == sandbox.calls[TOKEN_PATH]  # one count for all
+
+
+
+# --- the review's findings: each test fails on the code before its fix --------------------
+
+SHOP = {"name": "shop", "secret": "shop-client-secret-0123456789", "sources": ["access_token", "ticket"]}
+SHOP_AUTH = {"X-Token-Secret": SHOP["secret"]}
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_slow_redis_read_never_lets_a_refresh_skip_the_lock(make_config, start_server, call, sandbox, redis_sync):
+    srv = await start_server(make_config(refresh={"force_min_interval": 0, "timeout": 1}))
+    _, before = await call(srv.port, "/wechat/token", type="access_token")
+    redis_sync.set("access_token:lock", "another-instance", px=2500)  # someone else is fetching
+    loop = asyncio.get_running_loop()
+    stall = loop.run_in_executor(None, redis_sync.execute_command, "DEBUG", "SLEEP", "0.8")
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    status, body = await call(srv.port, "/wechat/token", type="access_token")
+    assert status == 200 and body["access_token"] == before["access_token"]  # from memory...
+    assert time.monotonic() - started < 0.75  # ...without waiting for the stalled Redis
+    await stall
+    # Redis answers again: a forced refresh now waits for the lock holder, it does not call.
+    status, body = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")
+    assert status == 503 and "holding the refresh lock" in body["errmsg"]
+    assert sandbox.calls[TOKEN_PATH] == 1
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_wrong_redis_password_stops_the_start(make_config, start_server, sandbox, tmp_path):
+    from server.app import StartupError
+    from server.embedded_redis import EmbeddedRedis
+
+    guarded = EmbeddedRedis(str(tmp_path), persistent=False, extra_args=["--requirepass", "the-right-password-0123"])
+    guarded.start()
+    try:
+        with pytest.raises(StartupError, match=r"cannot use Redis at redis://127\.0\.0\.1:\d+/0: AuthenticationError"):
+            await start_server(make_config(redis={"url": guarded.url, "password": "not-the-password-0123"}))
+        assert sandbox.calls[TOKEN_PATH] == 0  # no lock, no start: no token fetched either
+        srv = await start_server(make_config(redis={"url": guarded.url, "password": "the-right-password-0123"}))
+        assert srv.refresher.status()["access_token"]["state"] == "ok"
+    finally:
+        guarded.stop()
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_only_the_operator_unblocks_a_blocked_source(make_config, start_server, call, sandbox):
+    sandbox.inject(TOKEN_PATH, "errcode", errcode=40164, errmsg="invalid ip 203.0.113.9, not in whitelist", times=None)
+    srv = await start_server(make_config(clients=[SHOP], refresh=FAST))
+    assert sandbox.calls[TOKEN_PATH] == 1
+    # A business server's forced refresh, with or without a stale `old`: no call, 503 saying why.
+    for extra in ({}, {"old": "some-token-it-holds"}):
+        status, body = await call(srv.port, "/wechat/token/forcerefresh", headers=SHOP_AUTH, type="access_token", **extra)
+        assert status == 503 and "blocked after errcode 40164" in body["errmsg"]
+    await asyncio.sleep(0.5)  # ticks pass
+    assert sandbox.calls[TOKEN_PATH] == 1
+    assert srv.refresher.status()["access_token"]["state"] == "blocked"
+    status, _ = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")  # the operator
+    assert status == 503 and sandbox.calls[TOKEN_PATH] == 2
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_ticket_is_not_blamed_for_its_tokens_error(make_config, start_server, call, sandbox):
+    srv = await start_server(make_config(refresh={"force_min_interval": 0}))
+    for _ in range(2):  # someone else rotates twice: our token dies
+        sandbox.api_token("client_credential", "wx123", "sandbox-appsecret-0123456789", "127.0.0.1")
+    sandbox.inject(TOKEN_PATH, "errcode", errcode=40013, errmsg="invalid appid", times=None)
+    status, _ = await call(srv.port, "/wechat/token/forcerefresh", type="ticket")
+    assert status == 503
+    states = srv.refresher.status()
+    assert states["access_token"]["state"] == "blocked"
+    assert states["ticket"]["state"] != "blocked" and states["ticket"]["failures"] == 0
+    # The token comes back: the ticket is refreshed at once, with no forced refresh of its own.
+    sandbox.clear_faults()
+    tickets = sandbox.calls[TICKET_PATH]
+    status, _ = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")
+    assert status == 200
+    assert await wait_until(lambda: sandbox.calls[TICKET_PATH] > tickets, timeout=3) or srv.refresher.status()["ticket"]["expires_in"] > 600
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_fatal_error_blocks_every_instance_with_one_call(make_config, start_server, sandbox, redis_sync):
+    sandbox.expires_in = 3  # due 2 s after each fetch (ahead 1 s)
+    cfg = make_config(refresh=FAST)
+    servers = [await start_server(cfg) for _ in range(3)]
+    assert sandbox.calls[TOKEN_PATH] == 1  # the later starts reused the value
+    sandbox.inject(TOKEN_PATH, "errcode", errcode=40125, errmsg="invalid appsecret", times=None)
+    await asyncio.sleep(3.5)  # the value falls due on all three
+    assert sandbox.calls[TOKEN_PATH] == 2  # one instance tried, the others took its word
+    assert redis_sync.get("access_token:blocked") is not None
+    assert [s.refresher.status()["access_token"]["state"] for s in servers] == ["blocked"] * 3
+
+
+@pytest.mark.gen_test
+async def test_a_value_key_deleted_by_hand_is_put_back_without_a_call(make_config, start_server, call, sandbox, redis_sync):
+    srv = await start_server(make_config())
+    _, body = await call(srv.port, "/wechat/token", type="access_token")
+    redis_sync.delete("access_token")  # eviction, or an operator's DEL
+    status, again = await call(srv.port, "/wechat/token", type="access_token")
+    assert status == 200 and again["access_token"] == body["access_token"]
+    assert redis_sync.get("access_token") == body["access_token"]
+    assert sandbox.calls[TOKEN_PATH] == 1
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_business_servers_forced_refresh_respects_the_backoff(make_config, start_server, call, sandbox):
+    srv = await start_server(make_config(clients=[SHOP], refresh={"force_min_interval": 0, "backoff_max": 60}))
+    sandbox.inject(TOKEN_PATH, "busy", times=None)
+    status, _ = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")  # fails, backs off
+    assert status == 503 and sandbox.calls[TOKEN_PATH] == 2
+    from tornado.httpclient import AsyncHTTPClient
+
+    resp = await AsyncHTTPClient().fetch(
+        f"http://127.0.0.1:{srv.port}/wechat/token/forcerefresh?type=access_token", headers=SHOP_AUTH, raise_error=False
+    )
+    assert resp.code == 503 and b"backing off" in resp.body
+    assert 1 <= int(resp.headers["Retry-After"]) <= 2
+    assert sandbox.calls[TOKEN_PATH] == 2  # no call during the backoff
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_forced_refreshes_across_instances_share_one_call_without_min_interval(make_config, start_server, call, sandbox):
+    cfg = make_config(server={"forcerefresh_per_minute": 100000}, refresh={"force_min_interval": 0})
+    a, b = await start_server(cfg), await start_server(cfg)
+    sandbox.inject(TOKEN_PATH, "hang", delay=1.0)  # the crowd arrives while the fetch runs
+    results = await asyncio.gather(*(call(srv.port, "/wechat/token/forcerefresh", type="access_token") for srv in [a, b] * 50))
+    assert {status for status, _ in results} == {200}
+    assert len({body["access_token"] for _, body in results}) == 1
+    assert sandbox.calls[TOKEN_PATH] == 2  # start + one
+
+
+@pytest.mark.gen_test
+async def test_a_json_nesting_bomb_is_a_transient_failure(io_loop):
+    import tornado.web
+
+    from server.config import SourceConfig
+    from server.sources import Source
+    from server.upstream import ErrorKind, Upstream, UpstreamError
+    from tests.conftest import serve_app
+
+    class Bomb(tornado.web.RequestHandler):
+        def get(self):
+            self.write("[" * 100000)
+
+    server, port = serve_app(tornado.web.Application([(r"/t", Bomb)]))
+    source = Source(SourceConfig(url=f"http://127.0.0.1:{port}/t", name="access_token"))
+    upstream = Upstream(2)
+    with pytest.raises(UpstreamError) as info:
+        await upstream.fetch(source, source.build_request({}))
+    assert info.value.kind is ErrorKind.TRANSIENT
+    upstream.close()
+    server.stop()

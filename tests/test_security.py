@@ -468,11 +468,22 @@ async def test_auth_failures_do_not_echo_what_was_presented(make_config, start_s
         assert all(s not in text for s in (near_miss, bad, SHOP_SECRET, KEY1, "shop"))
 
 
-def test_reprs_show_no_secret(make_config):
-    cfg = make_config(clients=CLIENTS, jwt=JWT_CFG)
-    shown = repr(cfg.server) + repr(cfg.clients) + repr(cfg.jwt) + repr(Authenticator(cfg)) + repr(Authenticator(cfg).redact)
-    for secret in (TEST_SECRET, SHOP_SECRET, OPS_SECRET, KEY1, KEY2):
-        assert secret not in shown
+def test_reprs_show_no_secret(make_config, redis_url):
+    import time
+
+    from server.sources import Fetched, Source
+    from server.store import Entry
+
+    cfg = make_config(clients=CLIENTS, jwt=JWT_CFG, redis={"url": redis_url.replace("redis://", "redis://:url-pass-0123456789@"), "password": "redis-pass-0123456789"})
+    source = Source(cfg.sources["access_token"])
+    shown = (
+        repr(cfg) + repr(Authenticator(cfg)) + repr(Authenticator(cfg).redact) + repr(source)
+        + repr(source.build_request({})) + repr(Fetched("WHOLE-TOKEN-VALUE-0123456789", 7200, "access_token"))
+        + repr(Entry("WHOLE-TOKEN-VALUE-0123456789", time.time() + 60, time.time(), 1, "access_token"))
+    )
+    for secret in (TEST_SECRET, SHOP_SECRET, OPS_SECRET, KEY1, KEY2, "url-pass-0123456789", "redis-pass-0123456789",
+                   "sandbox-appsecret-0123456789", "WHOLE-TOKEN-VALUE-0123456789"):
+        assert secret not in shown, secret
 
 
 def _config_with_every_secret() -> str:
