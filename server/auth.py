@@ -41,7 +41,7 @@ from tornado.httputil import HTTPServerRequest
 
 from server.config import Config
 from server.ratelimit import RateLimiter
-from server.redact import Redactor, config_secrets
+from server.redact import Redactor, config_secrets, printable
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: Three base64url parts (the signature may be empty, as in an ``alg: none`` token).
 JWT_SHAPE_RE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 #: What a JWT ``sub`` may look like to be shown in logs as is.
-_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9_.@:+-]{1,64}$")
 #: An IPv6 client is limited per /64: one host usually owns a whole /64.
 IPV6_LIMIT_PREFIX = 64
 WINDOW = 60.0  # seconds: the limits are configured "per minute"
@@ -140,13 +139,6 @@ def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
-def _printable(text: str, limit: int = 64) -> str:
-    """``text`` safe for one log line: non-printables as ``?``, at most ``limit`` characters."""
-    if _SAFE_NAME_RE.match(text):
-        return text
-    return "".join(c if c.isprintable() else "?" for c in text[:limit])
-
-
 class Authenticator:
     """The gate described in the module docstring, built from the config.
 
@@ -209,7 +201,7 @@ class Authenticator:
             return
         addr = parse_ip(ip)
         if addr is None or not any(addr in net for net in self._allow):
-            raise AuthError(403, "ip not allowed", f"ip {_printable(ip)} not in server.allow_ips")
+            raise AuthError(403, "ip not allowed", f"ip {printable(ip, 64)} not in server.allow_ips")
 
     @staticmethod
     def limit_key(ip: str) -> str:
@@ -267,7 +259,7 @@ class Authenticator:
             raise AuthError(403, "invalid token", "jwt: unreadable header") from None
         key = self._jwt.keys.get(kid) if isinstance(kid, str) else None
         if key is None:
-            raise AuthError(403, "invalid token", f"jwt: unknown kid {_printable(str(kid))}")
+            raise AuthError(403, "invalid token", f"jwt: unknown kid {printable(str(kid), 64)}")
         try:
             claims = jwt.decode(
                 token,
@@ -280,7 +272,7 @@ class Authenticator:
         except (jwt.PyJWTError, ValueError, TypeError) as e:
             # PyJWT's messages name the failed check, never the token or the key.
             raise AuthError(403, "invalid token", f"jwt (kid {kid}): {type(e).__name__}: {e}") from None
-        sub = _printable(str(claims["sub"]))
+        sub = printable(str(claims["sub"]), 64)
         client = self._clients.get(sub)
         if client is not None:
             return Principal(sub, client.sources, via="jwt")

@@ -23,6 +23,7 @@ import tornado.web
 
 from server.auth import OPERATOR, Authenticator, AuthError, Principal
 from server.ratelimit import retry_after_header
+from server.redact import printable
 from server.refresher import Refresher, Unavailable
 from server.store import Entry
 from server.upstream import UpstreamError
@@ -145,7 +146,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """Tornado's version prints the full URI, query string (and secret) included."""
-        where = f"{self.request.method} {_printable(self.request.path)}"
+        where = f"{self.request.method} {printable(self.request.path)}"
         if isinstance(value, tornado.web.HTTPError):
             if value.log_message:
                 # Tornado's own HTTPErrors may hold a message with a stray % and no args.
@@ -306,12 +307,6 @@ class NotFoundHandler(BaseHandler):
         raise tornado.web.HTTPError(404, reason="not found")
 
 
-def _printable(text: str, limit: int = 200) -> str:
-    """``text`` for one log line: control characters as ``?``, cut at ``limit`` characters."""
-    cut = text[:limit] + ("..." if len(text) > limit else "")
-    return "".join(c if c.isprintable() else "?" for c in cut)
-
-
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Access log: status, method, path without the query string (it may hold the secret),
     milliseconds, client name, how it authenticated, client IP.
@@ -325,8 +320,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         level,
         "%d %s %s %.1fms client=%s auth=%s ip=%s",
         status,
-        _printable(handler.request.method or "-", 16),
-        _printable(handler.request.path),
+        printable(handler.request.method or "-", 16),
+        printable(handler.request.path),
         1000.0 * handler.request.request_time(),
         principal.name if principal else "-",
         principal.via if principal else "-",

@@ -28,13 +28,20 @@ from server.config import TEMPLATE_RE, Config
 
 MASK = "***"
 #: Shorter "secrets" are not masked: replacing every "abc" in every line would garble logs.
-MIN_SECRET_LENGTH = 6
+MIN_MASKED_LENGTH = 6
 #: Keys under sources.*.args / json whose string values are secrets.
 SECRET_KEY_RE = re.compile(r"secret|passw|key|credential|private", re.I)
 
 _JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
 _URL_QUERY_RE = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s?#'\"<>]*)\?[^\s#'\"<>]*")
 _URL_PASSWORD_RE = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:'\"<>]*:)[^\s/@'\"<>]+@")
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` safe for one log line: non-printable characters as ``?``, cut at ``limit``
+    characters (marked ``...``), so a client cannot forge or flood log lines."""
+    cut = text[:limit] + ("..." if len(text) > limit else "")
+    return "".join(c if c.isprintable() else "?" for c in cut)
 
 
 def _secret_values(value: Any, key: str = "") -> list[str]:
@@ -65,7 +72,7 @@ def config_secrets(cfg: Config) -> list[str]:
     for src in cfg.sources.values():
         for part in (src.args, src.json or {}, src.force):
             found += _secret_values(part)
-    unique = {s for s in found if len(s) >= MIN_SECRET_LENGTH}
+    unique = {s for s in found if len(s) >= MIN_MASKED_LENGTH}
     return sorted(unique, key=len, reverse=True)
 
 
@@ -73,7 +80,7 @@ class Redactor:
     """``redactor(text)``: ``text`` with the secrets, JWTs and URL queries and passwords masked."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        values = sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+        values = sorted({s for s in secrets if len(s) >= MIN_MASKED_LENGTH}, key=len, reverse=True)
         self._count = len(values)
         # One alternation, longest first, so a secret containing another is masked whole.
         self._secrets = re.compile("|".join(map(re.escape, values))) if values else None
