@@ -24,7 +24,8 @@ import tornado.web
 from server.auth import OPERATOR, Authenticator, AuthError, Principal
 from server.ratelimit import retry_after_header
 from server.redact import printable
-from server.refresher import Refresher, Unavailable
+from server.refresher import Refresher
+from server.state import Unavailable
 from server.store import Entry
 from server.upstream import UpstreamError
 

@@ -32,7 +32,6 @@ import math
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -42,81 +41,25 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from server.config import RefreshConfig
 from server.metrics import Metrics
 from server.sources import Fetched, Source
+from server.mirror import Mirror
+from server.state import (
+    CHINA,
+    BackingOff,
+    Blocked,
+    DependencyUnavailable,
+    SourceState,
+    Unavailable,
+    Want,
+    backoff_floor,
+    next_quota_reset,
+    why_unavailable,
+)
 from server.store import Block, Entry, Snapshot, Store
 from server.upstream import ErrorKind, Upstream, UpstreamError
 
 logger = logging.getLogger(__name__)
 
-_CHINA = datetime.timezone(datetime.timedelta(hours=8))
-BACKOFF_BASE = 1.0  # seconds before the first retry (before jitter)
-REDIS_RETRY_DELAY = 1.0  # seconds during which reads skip Redis after a Redis error
-READ_WAIT = 0.5  # seconds a request with a valid value in memory waits for Redis
 PREVIOUS_TOKEN_LIFE = 300.0  # seconds WeChat keeps the previous token valid after a new one
-
-
-def next_quota_reset(now: float) -> float:
-    """Unix time of the next midnight in China (UTC+8), when WeChat's daily quotas reset."""
-    day = datetime.datetime.fromtimestamp(now, _CHINA).date() + datetime.timedelta(days=1)
-    return datetime.datetime.combine(day, datetime.time(0), _CHINA).timestamp()
-
-
-class Unavailable(Exception):
-    """No valid value can be had now; ``str()`` is the short reason shown to clients."""
-
-
-class Blocked(Unavailable):
-    """The source is blocked (fatal errcode) or out of daily quota: no call was made."""
-
-
-class BackingOff(Unavailable):
-    """A fetch failed recently (here or in another instance): wait ``delay`` seconds."""
-
-    def __init__(self, message: str, delay: float) -> None:
-        super().__init__(message)
-        self.delay = delay
-
-
-class DependencyUnavailable(Unavailable):
-    """A source this one templates in (``<<name>>``) has no valid value and may not be fetched now."""
-
-
-@dataclass(frozen=True)
-class Want:
-    """What a caller of :meth:`Refresher.refresh` asks for.
-
-    ``force``: a new value even if the current one is fresh.  ``old``: the value the
-    caller holds; when it is no longer current nothing is fetched.  ``min_interval``: a
-    forced refresh within ``refresh.force_min_interval`` of the last fetch returns that
-    fetch.  ``retry_blocked``: try a blocked or out-of-quota source again (an operator, a
-    restart).  ``ignore_backoff``: call even while backing off (an operator).
-    """
-
-    force: bool = False
-    old: str | None = None
-    min_interval: bool = True
-    retry_blocked: bool = False
-    ignore_backoff: bool = False
-
-
-@dataclass
-class SourceState:
-    """What this process knows about one source.  Times are unix seconds."""
-
-    entry: Entry | None = None
-    failures: int = 0
-    retry_at: float = 0.0  # no fetch before this (backoff), unless an operator forces one
-    not_before: float = 0.0  # upstream returned the value we had: no tick fetch before this
-    block: Block | None = None  # a fatal errcode or 45009: no fetch until retried
-    block_until: float = 0.0  # when the block ends by itself (midnight for 45009, inf for fatal)
-    block_version: int = 0  # the Redis version when blocked: a newer value ends the block
-    last_error: str = ""
-    upstream_calls: int = 0
-    flight: asyncio.Future[Entry] | None = None  # the fetch under way (single flight)
-    flight_started: float = 0.0
-    retry_handle: object | None = None
-
-    def blocked(self, now: float) -> Block | None:
-        return self.block if self.block is not None and now < self.block_until else None
 
 
 def _landed(state: SourceState, flight: asyncio.Future[Entry]) -> None:
@@ -147,9 +90,7 @@ class Refresher:
         self._timer: PeriodicCallback | None = None
         self._stopping = False
         self._tasks: set[asyncio.Future[Any]] = set()  # ticks, retries, wake-ups under way
-        self._reads: dict[str, asyncio.Future[Snapshot | None]] = {}  # Redis reads under way
-        self._redis_down_logged = False
-        self._redis_retry_at = 0.0  # monotonic time before which reads skip Redis
+        self.mirror = Mirror(store, self.states, partial(self._block, how="announced by another instance"))
         #: a lock outlives the calls made under it; it is renewed before a second call
         self.lock_lease = 2 * cfg.timeout + 5
 
@@ -205,7 +146,7 @@ class Refresher:
             state = self.states[name]
             now = time.time()
             if not first and (state.blocked(now) or now < max(state.retry_at, state.not_before)):
-                await self._read(name)  # keep serving (and reconciling) what Redis holds
+                await self.mirror.read(name)  # keep serving (and reconciling) what Redis holds
                 continue
             await self._attempt(name, Want(retry_blocked=first))
 
@@ -221,98 +162,8 @@ class Refresher:
     # --- reading -------------------------------------------------------------------------
 
     async def current(self, name: str) -> Entry:
-        """The valid value to serve now: Redis's, or memory's while Redis is down or slow.
-
-        With a valid value in memory, Redis gets at most ``READ_WAIT`` seconds: a hung
-        Redis slows no request (the read goes on and is adopted when it lands).  Raises
-        Unavailable when there is no valid value.  Never calls upstream.
-        """
-        state = self.states[name]
-        pending = self._read_shared(name)
-        snap: Snapshot | None
-        if state.entry is not None and state.entry.remaining() > 0:
-            try:
-                snap = await asyncio.wait_for(asyncio.shield(pending), READ_WAIT)
-            except asyncio.TimeoutError:
-                snap = None
-        else:
-            snap = await asyncio.shield(pending)
-        entry = snap.entry if snap is not None and snap.entry is not None else state.entry
-        if entry is None or entry.remaining() <= 0:
-            raise Unavailable(self._why_unavailable(name))
-        return entry
-
-    def _why_unavailable(self, name: str) -> str:
-        block = self.states[name].blocked(time.time())
-        if block is not None and block.kind == "quota":
-            return f"source {name}: daily quota reached (45009)"
-        if block is not None:
-            return f"source {name} is blocked after errcode {block.errcode}; see the server log"
-        return f"source {name} has no valid value; upstream is failing"
-
-    async def _read(self, name: str) -> Snapshot | None:
-        """Redis's snapshot, reconciled with memory (see _read_redis); None when Redis is unreachable."""
-        return await asyncio.shield(self._read_shared(name))
-
-    def _read_shared(self, name: str) -> asyncio.Future[Snapshot | None]:
-        """The read of ``name`` under way, or a new one.
-
-        Concurrent reads of one source share one round trip: a crowd of requests costs
-        Redis one command, not one per request (and no connection pool runs dry).
-        """
-        pending = self._reads.get(name)
-        if pending is None:
-            pending = asyncio.ensure_future(self._read_redis(name))
-            self._reads[name] = pending
-            pending.add_done_callback(lambda f: self._reads.pop(name) if self._reads.get(name) is f else None)
-        return pending
-
-    async def _read_redis(self, name: str) -> Snapshot | None:
-        """Read Redis and reconcile: adopt Redis's value, unless memory's is newer.
-
-        Memory is newer when Redis lost the value (restarted empty, evicted, deleted by
-        hand), came back with old data, or failed over to a lagging replica, or when this
-        process fetched while Redis was unreachable: then memory's value is put back (no
-        upstream call), since WeChat may already have retired the one Redis holds.
-        """
-        if time.monotonic() < self._redis_retry_at:
-            return None
-        state = self.states[name]
-        try:
-            snap = await self.store.read(name)
-            mem = state.entry
-            if mem is not None and mem.remaining() > 1 and (
-                snap.entry is None or (snap.entry.version, snap.entry.fetched_at) < (mem.version, mem.fetched_at)
-            ):
-                if await self.store.restore(name, mem):
-                    logger.warning("source %s: redis lacked the newest value; put it back from memory", name)
-                snap = await self.store.read(name)
-        except RedisError as e:
-            # Skip Redis for a second: requests answer from memory at once instead of each
-            # waiting for a timeout, and nothing hammers a dead Redis.
-            self._redis_retry_at = time.monotonic() + REDIS_RETRY_DELAY
-            if not self._redis_down_logged:
-                logger.error("redis unreachable (%s): serving values held in memory", type(e).__name__)
-                self._redis_down_logged = True
-            return None
-        if self._redis_down_logged:
-            logger.warning("redis reachable again")
-            self._redis_down_logged = False
-        self._adopt(name, snap)
-        return snap
-
-    def _adopt(self, name: str, snap: Snapshot) -> None:
-        """Take Redis's value and the block another instance announced (or its end)."""
-        state = self.states[name]
-        if snap.entry is not None:
-            state.entry = snap.entry
-        now = time.time()
-        if snap.blocked is not None:
-            if state.blocked(now) != snap.blocked:
-                self._block(name, snap.blocked, snap.version, "announced by another instance")
-        elif state.block is not None and snap.version > state.block_version:
-            logger.info("source %s: a new value was stored; no longer blocked", name)
-            state.block = None
+        """The valid value to serve now (see Mirror.current).  Never calls upstream."""
+        return await self.mirror.current(name)
 
     # --- refreshing ----------------------------------------------------------------------
 
@@ -335,7 +186,7 @@ class Refresher:
         block = state.blocked(now)
         if block is not None:
             if not want.retry_blocked:
-                raise Blocked(self._why_unavailable(name))
+                raise Blocked(why_unavailable(name, state, now))
             logger.warning("source %s: trying again despite errcode %s, as asked", name, block.errcode)
         if want.ignore_backoff:
             return
@@ -437,14 +288,14 @@ class Refresher:
 
     async def _refresh_locked(self, name: str, want: Want) -> Entry:
         state = self.states[name]
-        snap = await self._read(name)
+        snap = await self.mirror.read(name)
         if not self._needed(state.entry, want):
             assert state.entry is not None
             return state.entry
         if snap is None:  # reads skip Redis after an error: ask it once more for the lock
             try:
                 snap = await self.store.read(name)
-                self._adopt(name, snap)
+                self.mirror.adopt(name, snap)
             except RedisError:
                 return await self._refresh_without_redis(name, want)
             if not self._needed(state.entry, want):
@@ -470,7 +321,7 @@ class Refresher:
                 raise Unavailable(f"source {name}: another instance holds the refresh lock")
         try:
             snap = await self.store.read(name)  # under the lock: did someone refresh meanwhile?
-            self._adopt(name, snap)
+            self.mirror.adopt(name, snap)
             if not self._needed(state.entry, want):
                 assert state.entry is not None
                 return state.entry
@@ -522,17 +373,17 @@ class Refresher:
             delay = min(delay * 2, 0.5)
             snap = await self.store.read(name)
             if snap.version != version and snap.entry is not None:
-                self._adopt(name, snap)
+                self.mirror.adopt(name, snap)
                 return snap.entry
             if not await self.store.locked(name):
                 snap = await self.store.read(name)
-                self._adopt(name, snap)
+                self.mirror.adopt(name, snap)
                 if snap.version != version and snap.entry is not None:
                     return snap.entry
                 # The holder released without a new value: its fetch failed.  Do not
                 # follow with a call of our own (a crowd would); do as it announced.
                 if snap.blocked is not None:
-                    raise Blocked(self._why_unavailable(name))
+                    raise Blocked(why_unavailable(name, self.states[name], time.time()))
                 if snap.backoff > 0:
                     raise BackingOff(f"source {name}: the instance holding the refresh lock failed to fetch", snap.backoff)
                 raise Unavailable(f"source {name}: the instance holding the refresh lock failed to fetch")
@@ -578,7 +429,7 @@ class Refresher:
     async def _fenced_out(self, name: str, fetched: Fetched, memory: Entry) -> Entry:
         """Another process stored a value while our (slow) fetch ran: keep theirs."""
         snap = await self.store.read(name)
-        self._adopt(name, snap)
+        self.mirror.adopt(name, snap)
         if snap.entry is None:
             self.states[name].entry = memory
             return memory
@@ -654,7 +505,7 @@ class Refresher:
         if block.kind == "quota":
             logger.error(
                 "source %s: daily quota reached (errcode %s: %s, %s); no calls until %s (or an operator's forced refresh)",
-                name, block.errcode, block.errmsg, how, datetime.datetime.fromtimestamp(state.block_until, _CHINA).isoformat(),
+                name, block.errcode, block.errmsg, how, datetime.datetime.fromtimestamp(state.block_until, CHINA).isoformat(),
             )
         else:
             m = UpstreamError(ErrorKind.FATAL, "", block.errcode, block.errmsg).ip
@@ -685,11 +536,7 @@ class Refresher:
         self._schedule_retry(name, delay)
 
     def _backoff_floor(self, failures: int, err: Exception) -> float:
-        """Seconds to wait at least after ``failures`` consecutive failures (the jittered
-        delay is between this and twice this): 0.5, 1, 2 ... up to half of
-        ``refresh.backoff_max``, and at least what the errcode asks (45011: a minute)."""
-        cap = min(self.cfg.backoff_max, BACKOFF_BASE * 2 ** max(0, failures - 1))
-        return max(cap / 2, getattr(err, "retry_after", 0.0))
+        return backoff_floor(self.cfg.backoff_max, failures, getattr(err, "retry_after", 0.0))
 
     def _schedule_retry(self, name: str, delay: float) -> None:
         state = self.states[name]
