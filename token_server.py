@@ -85,10 +85,12 @@ Stop with Ctrl-C.
 
 
 async def run_demo(port: int) -> int:
-    from server.app import Running, serve
-    from server.sandbox import Sandbox, make_app as make_sandbox_app
     import tornado.netutil
     from tornado.httpserver import HTTPServer
+
+    from server.app import Running, serve
+    from server.sandbox import Sandbox
+    from server.sandbox import make_app as make_sandbox_app
 
     sandbox = Sandbox()
     appid, appsecret = next(iter(sandbox.apps.items()))

@@ -34,9 +34,9 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
 import redis.asyncio as aioredis  # noqa: E402
+from helpers_procs import SandboxProc, TokenServerProc, get_json, proc_config  # noqa: E402
 from tornado.httpclient import AsyncHTTPClient  # noqa: E402
 
-from helpers_procs import SandboxProc, TokenServerProc, get_json, proc_config  # noqa: E402
 from server.embedded_redis import EmbeddedRedis  # noqa: E402
 
 TOKEN_PATH = "/cgi-bin/token"

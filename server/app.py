@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import tornado.netutil
-from redis.exceptions import RedisError
 import tornado.web
+from redis.exceptions import RedisError
 from tornado.httpserver import HTTPServer
 
 from server.auth import Authenticator

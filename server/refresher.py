@@ -40,8 +40,8 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from server.config import RefreshConfig
 from server.metrics import Metrics
-from server.sources import Fetched, Source
 from server.mirror import Mirror
+from server.sources import Fetched, Source
 from server.state import (
     CHINA,
     BackingOff,
@@ -150,8 +150,9 @@ class Refresher:
                 continue
             await self._attempt(name, Want(retry_blocked=first))
 
-    async def _attempt(self, name: str, want: Want = Want()) -> None:
+    async def _attempt(self, name: str, want: Want | None = None) -> None:
         """A background refresh: failures are logged and scheduled by _fly, not raised."""
+        want = want or Want()
         try:
             await self.refresh(name, force=want.force, retry_blocked=want.retry_blocked)
         except Unavailable:

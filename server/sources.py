@@ -8,10 +8,10 @@ decoded JSON back to :meth:`Source.parse`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.parse
 from collections.abc import Mapping
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 

@@ -30,7 +30,8 @@ from tornado.httpserver import HTTPServer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from helpers_procs import merge, sandbox_sources  # noqa: E402
+from helpers_procs import merge, sandbox_sources, token_servers  # noqa: E402,F401 (token_servers: a fixture for every test file)
+
 from server.app import Running, start, stop  # noqa: E402
 from server.config import Config, parse_config  # noqa: E402
 from server.embedded_redis import EmbeddedRedis  # noqa: E402

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from tests.conftest import AUTH, TEST_SECRET
+from tests.conftest import TEST_SECRET
 
 SHOP_SECRET = "shop-secret-0123456789abcdefXYZ"
 KEY1 = "jwt-key-one-0123456789abcdefghijklmnop"

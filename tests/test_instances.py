@@ -12,9 +12,9 @@ import asyncio
 import time
 
 import pytest
+from helpers_procs import proc_config, wait_until
 from tornado.httpclient import AsyncHTTPClient
 
-from helpers_procs import proc_config, token_servers, wait_until  # noqa: F401 (token_servers is a fixture)
 from server.sandbox import TICKET_PATH, TOKEN_PATH
 
 
@@ -101,7 +101,7 @@ async def test_one_upstream_call_per_rotation_across_processes(token_servers, sa
     assert sandbox.calls[TOKEN_PATH] == len(tokens), "upstream /cgi-bin/token calls != rotations seen in Redis"
     assert sandbox.calls[TICKET_PATH] == len(tickets), "upstream ticket calls != ticket rotations seen in Redis"
     assert tokens[-1][0] == sandbox.current_token()
-    gaps = [b[1] - a[1] for a, b in zip(tokens, tokens[1:])]
+    gaps = [b[1] - a[1] for a, b in zip(tokens, tokens[1:], strict=False)]
     assert min(gaps) > 2.0, f"rotations closer than life - ahead allows: {gaps}"
     assert checks >= 5
     assert await all_serve_redis_value() or await all_serve_redis_value()

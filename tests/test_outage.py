@@ -14,8 +14,8 @@ import time
 
 import pytest
 import redis
+from helpers_procs import cpu_seconds, proc_config, wait_until
 
-from helpers_procs import cpu_seconds, proc_config, token_servers, wait_until  # noqa: F401 (token_servers is a fixture)
 from server.embedded_redis import EmbeddedRedis, free_port
 from server.sandbox import TOKEN_PATH
 

@@ -120,7 +120,7 @@ async def test_transient_failures_back_off_exponentially_up_to_the_cap(make_conf
         if sandbox.calls[TOKEN_PATH] > len(times):
             times.append(time.monotonic())
         await asyncio.sleep(0.02)
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     # 32 ticks passed.  Delays: 0.5-1 s, then 1-2 s, then capped at 1-2 s (backoff_max 2).
     assert 3 <= len(gaps) <= 7, gaps
     assert 0.45 <= gaps[0] <= 1.3, gaps

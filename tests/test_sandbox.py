@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from tornado.simple_httpclient import HTTPTimeoutError
 
-from server.sandbox import (DEFAULT_APPSECRET, DEFAULT_CORPSECRET, Sandbox, make_app)
+from server.sandbox import DEFAULT_APPSECRET, DEFAULT_CORPSECRET, Sandbox, make_app
 
 ROOT = Path(__file__).resolve().parents[1]
 # 2024-03-10 12:00 in China (04:00 UTC): mid-day, so advancing a few hours keeps the same day.

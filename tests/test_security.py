@@ -24,7 +24,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from server.auth import Authenticator
 from server.config import ConfigError, load_config, parse_config
-from server.redact import Redactor, RedactFilter, config_secrets
+from server.redact import RedactFilter, Redactor, config_secrets
 from server.sandbox import DEFAULT_APPSECRET
 from tests.conftest import AUTH, TEST_SECRET, base_config
 from token_server import setup_logging

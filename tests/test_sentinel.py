@@ -12,8 +12,8 @@ import time
 
 import pytest
 import redis
+from helpers_procs import SentinelProc, proc_config, wait_until
 
-from helpers_procs import SentinelProc, proc_config, token_servers, wait_until  # noqa: F401 (token_servers is a fixture)
 from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from server.sandbox import TOKEN_PATH
 

@@ -14,8 +14,8 @@ import socket
 
 import pytest
 import redis
+from helpers_procs import child_pids, get_json, pid_running, pids_with_cwd, proc_config, wait_until
 
-from helpers_procs import child_pids, get_json, pid_running, pids_with_cwd, proc_config, token_servers, wait_until  # noqa: F401 (token_servers is a fixture)
 from server.embedded_redis import EmbeddedRedis, free_port
 from server.sandbox import TOKEN_PATH
 
