@@ -117,6 +117,9 @@ class Mirror:
         """Take Redis's value and the block another instance announced (or its end)."""
         state = self.states[name]
         if snap.entry is not None:
+            if state.failures and (state.entry is None or snap.entry.version > state.entry.version):
+                # Another instance stored a new value: our failures are over too.
+                state.failures, state.retry_at, state.last_error = 0, 0.0, ""
             state.entry = snap.entry
         now = time.time()
         if snap.blocked is not None:

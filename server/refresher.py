@@ -26,6 +26,7 @@ may be refreshing too); the first read after Redis returns puts them back
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import logging
 import math
@@ -141,11 +142,21 @@ class Refresher:
         self._spawn(self.refresh_due())
 
     async def refresh_due(self, first: bool = False) -> None:
-        """One pass: sync every source with Redis and fetch those that need it."""
+        """One pass: sync every source with Redis and fetch those that need it.
+
+        The first pass lifts blocks (a restart is the operator's "try again"): the next
+        fetch, now or when the value falls due, says whether the source still fails.
+        """
         for name in self.sources:
+            if first:
+                try:
+                    if await self.store.clear_blocked(name):
+                        logger.warning("source %s: restart: lifting the block; the next fetch tries again", name)
+                except RedisError:
+                    pass
             state = self.states[name]
             now = time.time()
-            if not first and (state.blocked(now) or now < max(state.retry_at, state.not_before)):
+            if not first and (state.blocked(now) or now < state.retry_at):
                 await self.mirror.read(name)  # keep serving (and reconciling) what Redis holds
                 continue
             await self._attempt(name, Want(retry_blocked=first))
@@ -173,7 +184,7 @@ class Refresher:
         if entry is None or entry.remaining() <= 0:
             return True
         if not want.force:
-            return entry.remaining() < self.cfg.ahead
+            return entry.remaining() < self.cfg.ahead and time.time() >= entry.same_until
         if want.old is not None and want.old != entry.value:
             return False  # someone already rotated it: the caller gets the new one
         if want.min_interval and time.time() - entry.fetched_at < self.cfg.force_min_interval:
@@ -211,25 +222,22 @@ class Refresher:
         """
         want = Want(force, old, min_interval, retry_blocked, ignore_backoff)
         state = self.states[name]
-        for _ in range(3):
-            flight = state.flight
-            if flight is None:
-                flight = asyncio.ensure_future(self._fly(name, want))
-                state.flight, state.flight_started = flight, time.time()
-                flight.add_done_callback(partial(_landed, state))
-                return await self._landing(flight)
-            # Join the flight under way.  Its fetch is newer than the caller's value, so it
-            # answers a forced refresh too, unless it found the value fresh and fetched nothing.
-            started = state.flight_started
+        while state.flight is not None:
+            # Join the flight under way.  A value newer than the one known when joining
+            # answers a forced refresh too; one it found fresh answers if it suffices.
+            seen = state.entry.version if state.entry is not None else -1
             try:
-                entry = await self._landing(flight)
+                entry = await self._landing(state.flight)
             except (Blocked, BackingOff):
                 if want.retry_blocked or want.ignore_backoff:
                     continue  # the gate said no to that flight, not to this caller
                 raise
-            if entry.fetched_at >= started or not self._needed(entry, want):
+            if entry.version > seen or not self._needed(entry, want):
                 return entry
-        return entry
+        flight = asyncio.ensure_future(self._fly(name, want))
+        state.flight = flight
+        flight.add_done_callback(partial(_landed, state))
+        return await self._landing(flight)
 
     @staticmethod
     async def _landing(flight: asyncio.Future[Entry]) -> Entry:
@@ -270,9 +278,6 @@ class Refresher:
             err = Unavailable(f"internal error: {type(e).__name__}")
             self._failed(name, err, time.monotonic() - started)
             raise err from None
-        if state.failures or state.block:
-            logger.info("source %s: recovered after %d failed attempts", name, state.failures)
-        state.failures, state.retry_at, state.block, state.last_error = 0, 0.0, None, ""
         self._wake_dependents(name)
         return entry
 
@@ -313,13 +318,17 @@ class Refresher:
                 return await self._refresh_without_redis(name, want, values)
             if token is not None:
                 break
-            entry = await self._wait_for_other(name, snap.version, deadline)
-            # A value stored since we asked answers a forced refresh too, as a joined
-            # flight does in one process.
-            if entry is not None and (want.force or not self._needed(entry, want)):
-                return entry
-            if time.monotonic() > deadline:
+            seen = await self._wait_for_other(name, snap.version, deadline)
+            if seen is None:
                 raise Unavailable(f"source {name}: another instance holds the refresh lock")
+            # A value stored since we asked answers a forced refresh too, as a joined
+            # flight does in one process.  Else the holder let go: take the lock in turn
+            # (its failure, if any, is announced: the gate under the lock will say so).
+            if seen.entry is not None and seen.version != snap.version and (want.force or not self._needed(seen.entry, want)):
+                return seen.entry
+            if not self._needed(state.entry, want):
+                assert state.entry is not None
+                return state.entry
         try:
             snap = await self.store.read(name)  # under the lock: did someone refresh meanwhile?
             self.mirror.adopt(name, snap)
@@ -331,6 +340,10 @@ class Refresher:
         except UpstreamError as e:
             # Announce before releasing the lock, so no other instance slips a call in.
             await self._announce(name, e, snap)
+            if want.force and e.maybe_issued and state.entry is not None:
+                # The answer was lost, not the call: WeChat may have issued a token we never
+                # saw, leaving the stored one 5 minutes.  Let it be refreshed in time.
+                await self._cap(name, state.entry.value)
             raise
         finally:
             try:
@@ -338,11 +351,21 @@ class Refresher:
             except RedisError:
                 pass  # the lease expires by itself
 
+    async def _cap(self, name: str, value: str) -> None:
+        """Shorten ``value``'s life to WeChat's overlap for a "previous" token, in Redis and memory."""
+        try:
+            if await self.store.cap_life(name, value, PREVIOUS_TOKEN_LIFE):
+                self.mirror.adopt(name, await self.store.read(name))
+        except RedisError:
+            pass
+
     async def _refresh_without_redis(self, name: str, want: Want, values: dict[str, str] | None = None) -> Entry:
-        """Redis is unreachable: no lock, no fencing.  Refresh in memory, but only a value
-        about to expire (or on a forced refresh): earlier, another instance may be
-        refreshing too, and two fetches would retire each other's tokens."""
+        """Redis is unreachable: no lock, no fencing.  Refresh in memory only a value about
+        to expire: earlier, another instance may be refreshing too, and two fetches retire
+        each other's tokens.  A forced refresh needs the lock, except the operator's."""
         entry = self.states[name].entry
+        if want.force and not want.ignore_backoff:
+            raise Unavailable(f"source {name}: redis unreachable; a forced refresh needs its lock, try again shortly")
         if not want.force and entry is not None and entry.remaining() > self.cfg.interval + self.cfg.timeout:
             return entry
         self._gate(name, want, None)
@@ -366,28 +389,20 @@ class Refresher:
         except RedisError:
             pass
 
-    async def _wait_for_other(self, name: str, version: int, deadline: float) -> Entry | None:
-        """Poll while another process holds the lock; its new value, or None if it gave up."""
+    async def _wait_for_other(self, name: str, version: int, deadline: float) -> Snapshot | None:
+        """Poll while another process holds the lock.  What Redis holds once a new value is
+        stored or the lock is released; None at ``deadline``."""
         delay = 0.05
         while time.monotonic() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
             snap = await self.store.read(name)
-            if snap.version != version and snap.entry is not None:
-                self.mirror.adopt(name, snap)
-                return snap.entry
-            if not await self.store.locked(name):
-                snap = await self.store.read(name)
-                self.mirror.adopt(name, snap)
-                if snap.version != version and snap.entry is not None:
-                    return snap.entry
-                # The holder released without a new value: its fetch failed.  Do not
-                # follow with a call of our own (a crowd would); do as it announced.
-                if snap.blocked is not None:
-                    raise Blocked(why_unavailable(name, self.states[name], time.time()))
-                if snap.backoff > 0:
-                    raise BackingOff(f"source {name}: the instance holding the refresh lock failed to fetch", snap.backoff)
-                raise Unavailable(f"source {name}: the instance holding the refresh lock failed to fetch")
+            if snap.version == version and await self.store.locked(name):
+                continue
+            if snap.version == version:
+                snap = await self.store.read(name)  # released: one last look
+            self.mirror.adopt(name, snap)
+            return snap
         return None
 
     async def _fetch_and_store(
@@ -399,17 +414,13 @@ class Refresher:
         fetched = await self._call_upstream(name, force, values, token)
         life = min(fetched.expires_in, self.cfg.max_ttl)
         state = self.states[name]
-        if not force and state.entry is not None and fetched.value == state.entry.value:
-            # stable_token in normal mode answers with the same token until WeChat renews
-            # it (about 300 s before expiry): asking every tick until then would only
-            # burn calls.  Leave it for half of its remaining life.
-            state.not_before = fetched_at + max(self.cfg.interval, life / 2)
-            logger.info("source %s: upstream returned the same value (%.0fs left); next try in %.0fs", name, life, state.not_before - fetched_at)
-        else:
-            state.not_before = 0.0
+        self._succeeded(name)
+        current = state.entry
+        if not force and current is not None and fetched.value == current.value and current.remaining() > 0:
+            return await self._confirmed(name, current, fetched_at + life)
         # Not stored yet: one version above the one it is based on, so that it counts as
-        # newer than what Redis held (_read_redis puts it back when Redis returns).
-        base = read_version if read_version is not None else state.entry.version if state.entry else 0
+        # newer than what Redis held (Mirror puts it back when Redis returns).
+        base = read_version if read_version is not None else current.version if current else 0
         memory = Entry(fetched.value, fetched_at + life, fetched_at, base + 1, fetched.field)
         stored: Entry | None = None
         if read_version is not None:
@@ -427,6 +438,30 @@ class Refresher:
         logger.info("source %s: new value %s... stored, life %.0fs", name, stored.value[:6], life)
         return stored
 
+    async def _confirmed(self, name: str, current: Entry, expires_at: float) -> Entry:
+        """Upstream answered with the value we hold: stable_token in normal mode does until
+        WeChat renews it (about 300 s before expiry).  Asking every tick until then would
+        only burn calls, so no instance asks again for half of its remaining life.  Nothing
+        is rewritten: it is no new value (no new version, force_min_interval not re-armed)."""
+        now = time.time()
+        until = now + max(self.cfg.interval, (min(expires_at, current.expires_at) - now) / 2)
+        entry = dataclasses.replace(current, same_until=until)
+        self.states[name].entry = entry
+        try:
+            await self.store.mark_same(name, current.value, until)
+        except RedisError:
+            pass
+        logger.info("source %s: upstream returned the same value (%.0fs left); next try in %.0fs", name, current.remaining(), until - now)
+        return entry
+
+    def _succeeded(self, name: str) -> None:
+        """An upstream call answered with a value: the source is healthy again."""
+        state = self.states[name]
+        if state.failures or state.block:
+            logger.info("source %s: recovered after %d failed attempts", name, state.failures)
+        state.failures, state.retry_at, state.block, state.last_error = 0, 0.0, None, ""
+        state.stale_recovery_failed = False
+
     async def _fenced_out(self, name: str, fetched: Fetched, memory: Entry) -> Entry:
         """Another process stored a value while our (slow) fetch ran: keep theirs."""
         snap = await self.store.read(name)
@@ -442,28 +477,48 @@ class Refresher:
         return snap.entry
 
     async def _call_upstream(self, name: str, force: bool, values: dict[str, str], token: str | None) -> Fetched:
-        """One upstream call; on a stale dependency (40001...), refresh it once and retry once."""
+        """One upstream call; on a stale dependency (40001...), refresh it once and retry once.
+
+        If that recovery already failed and this source has not succeeded since, a stale
+        answer is an ordinary failure: forcing the token again would rotate it (and cut
+        every business server's copy to 5 minutes) on every retry, in every instance.
+        """
         source = self.sources[name]
+        state = self.states[name]
         try:
             return await self._upstream_fetch(source, values, force)
         except UpstreamError as e:
-            if e.kind is not ErrorKind.STALE_TOKEN:
+            if e.kind is not ErrorKind.STALE_TOKEN or state.stale_recovery_failed:
                 raise
             logger.warning("source %s: errcode %s with the current %s; refreshing it once", name, e.errcode, "/".join(source.deps))
         # Refresh each dependency only if the value we used is still current: when someone
         # else already rotated it, we simply take the new one.  Its gate applies (a blocked
         # or backing-off token is not fetched for us), and its failure is its own.
+        await self._keep_lock(name, token)
         for dep in source.deps:
             try:
                 values[dep] = (await self.refresh(dep, force=True, old=values[dep], min_interval=False)).value
             except (UpstreamError, Unavailable) as err:
                 raise DependencyUnavailable(f"{dep} could not be refreshed ({err})") from None
-        if token is not None:
-            try:
-                await self.store.extend(name, token, self.lock_lease)
-            except RedisError:
-                pass
-        return await self._upstream_fetch(source, values, force)
+        await self._keep_lock(name, token)
+        try:
+            return await self._upstream_fetch(source, values, force)
+        except UpstreamError as e:
+            if e.kind is ErrorKind.STALE_TOKEN:
+                state.stale_recovery_failed = True
+                e.kind = ErrorKind.TRANSIENT  # from now on, backed off like any failure
+            raise
+
+    async def _keep_lock(self, name: str, token: str | None) -> None:
+        """Renew the lease before more calls under the lock; give up if it was lost."""
+        if token is None:
+            return
+        try:
+            held = await self.store.extend(name, token, self.lock_lease)
+        except RedisError:
+            return  # cannot tell; fencing still guards the write
+        if not held:
+            raise Unavailable(f"source {name}: lost the refresh lock; another instance takes over")
 
     async def _upstream_fetch(self, source: Source, values: dict[str, str], force: bool) -> Fetched:
         """One counted, timed upstream call."""

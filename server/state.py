@@ -64,14 +64,13 @@ class SourceState:
     entry: Entry | None = None
     failures: int = 0
     retry_at: float = 0.0  # no fetch before this (backoff), unless an operator forces one
-    not_before: float = 0.0  # upstream returned the value we had: no tick fetch before this
     block: Block | None = None  # a fatal errcode or 45009: no fetch until retried
     block_until: float = 0.0  # when the block ends by itself (midnight for 45009, inf for fatal)
     block_version: int = 0  # the Redis version when blocked: a newer value ends the block
     last_error: str = ""
     upstream_calls: int = 0
     flight: asyncio.Future[Entry] | None = None  # the fetch under way (single flight)
-    flight_started: float = 0.0
+    stale_recovery_failed: bool = False  # 40001 again after refreshing the dependency
     retry_handle: object | None = None
 
     def blocked(self, now: float) -> Block | None:

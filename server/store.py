@@ -8,7 +8,8 @@ Layout for a source ``NAME`` under the configured ``prefix`` (source names canno
     life, so a direct reader never sees an expired value.
 ``<prefix>NAME:meta``
     A hash: ``version`` (integer, +1 per write), ``fetched_at`` and ``expires_at`` (unix
-    seconds), ``field`` (``access_token`` or ``ticket``: the name our API answers with).
+    seconds), ``field`` (``access_token`` or ``ticket``: the name our API answers with),
+    ``same_until`` (upstream confirmed this value: no ordinary refresh before then).
     No TTL: the version must outlive the value so fencing still works after expiry.
 ``<prefix>NAME:lock``
     ``SET NX PX`` lock a process holds while it fetches NAME; its value is a random
@@ -64,13 +65,13 @@ end
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], 'version', current + 1, 'fetched_at', ARGV[4],
-           'expires_at', ARGV[5], 'field', ARGV[6])
+           'expires_at', ARGV[5], 'field', ARGV[6], 'same_until', 0)
 return current + 1
 """
 
 # Put back a value held in memory that Redis lacks or holds an older version of (Redis
 # restarted empty, came back with old data, or failed over to a lagging replica).
-# KEYS[1] value key, KEYS[2] meta key
+# KEYS[1] value key, KEYS[2] meta key, KEYS[3] backoff, KEYS[4] failures, KEYS[5] blocked
 # ARGV[1] value, ARGV[2] TTL in ms, ARGV[3] the value's version, ARGV[4] fetched_at,
 # ARGV[5] expires_at, ARGV[6] field
 # Newer means a higher version, or the same version and a later fetched_at (a value fetched
@@ -90,8 +91,23 @@ end
 local nv = same and v or math.max(v + 1, ev)
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], 'version', nv, 'fetched_at', ARGV[4],
-           'expires_at', ARGV[5], 'field', ARGV[6])
+           'expires_at', ARGV[5], 'field', ARGV[6], 'same_until', 0)
+if nv > v then
+  -- a newer value ends any backoff or block, as a write does
+  redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
+end
 return nv
+"""
+
+# Upstream answered with the value already stored (stable_token in normal mode): note
+# until when no ordinary refresh should ask again, without a new version.
+# KEYS[1] value key, KEYS[2] meta key; ARGV[1] value, ARGV[2] same_until (unix seconds)
+_SAME_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('HSET', KEYS[2], 'same_until', ARGV[2])
+  return 1
+end
+return 0
 """
 
 # Shorten a value's life, if it is still the stored one and lives longer than that.
@@ -132,6 +148,8 @@ class Entry:
     fetched_at: float
     version: int
     field: str
+    same_until: float = 0.0  # upstream confirmed this value: no ordinary refresh before this
+
 
     def remaining(self, now: float | None = None) -> float:
         """Seconds of life left (negative once expired)."""
@@ -227,6 +245,7 @@ class Store:
         self._release = redis.register_script(_RELEASE_LUA)
         self._cap = redis.register_script(_CAP_LUA)
         self._extend = redis.register_script(_EXTEND_LUA)
+        self._same = redis.register_script(_SAME_LUA)
 
     def __repr__(self) -> str:
         # The client's repr would show its connection kwargs; say only the prefix.
@@ -236,7 +255,8 @@ class Store:
         return self.prefix + name
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        # The pool was built by us (build_redis) and passed in: close its connections too.
+        await self.redis.aclose(close_connection_pool=True)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
@@ -247,11 +267,11 @@ class Store:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.get(key)
             pipe.pttl(key)
-            pipe.hmget(key + ":meta", "version", "fetched_at", "field")
+            pipe.hmget(key + ":meta", "version", "fetched_at", "field", "same_until")
             pipe.get(key + ":failures")
             pipe.pttl(key + ":backoff")
             pipe.get(key + ":blocked")
-            value, pttl, (version, fetched_at, field), failures, backoff_ms, blocked = await pipe.execute()
+            value, pttl, (version, fetched_at, field, same_until), failures, backoff_ms, blocked = await pipe.execute()
         # Metadata someone garbled must not turn every read into an error.
         v = int(_number(version))
         backoff = max(0, backoff_ms or 0) / 1000.0
@@ -259,7 +279,7 @@ class Store:
         if value is None or pttl is None or pttl <= 0:
             return Snapshot(None, v, backoff, int(_number(failures)), block)
         now = time.time()
-        entry = Entry(value, now + pttl / 1000.0, _number(fetched_at) or now, v, field or "access_token")
+        entry = Entry(value, now + pttl / 1000.0, _number(fetched_at) or now, v, field or "access_token", _number(same_until))
         return Snapshot(entry, v, backoff, int(_number(failures)), block)
 
     async def write(self, name: str, value: str, life: float, fetched_at: float, field: str, read_version: int) -> Entry | None:
@@ -292,7 +312,7 @@ class Store:
         key = self.key(name)
         return bool(
             await self._restore(
-                keys=[key, key + ":meta"],
+                keys=[key, key + ":meta", key + ":backoff", key + ":failures", key + ":blocked"],
                 args=[entry.value, ttl_ms, entry.version, repr(entry.fetched_at), repr(entry.expires_at), entry.field],
             )
         )
@@ -302,6 +322,15 @@ class Store:
         key = self.key(name)
         ms = max(1, int(life * 1000))
         return bool(await self._cap(keys=[key, key + ":meta"], args=[value, ms, repr(time.time() + life)]))
+
+    async def mark_same(self, name: str, value: str, until: float) -> bool:
+        """Note that upstream confirmed the stored ``value``: no ordinary refresh before ``until``."""
+        key = self.key(name)
+        return bool(await self._same(keys=[key, key + ":meta"], args=[value, repr(until)]))
+
+    async def clear_blocked(self, name: str) -> bool:
+        """Lift the block every instance follows (a restart: the operator says try again)."""
+        return bool(await self.redis.delete(self.key(name) + ":blocked"))
 
     async def set_blocked(self, name: str, block: Block, ttl: float | None) -> None:
         """Tell every instance to make no call for ``name`` (a fatal error, or the daily

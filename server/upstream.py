@@ -56,6 +56,9 @@ class UpstreamError(Exception):
         self.errcode = errcode
         self.errmsg = errmsg[:300]
         self.retry_after = RETRY_AFTER.get(errcode or 0, 0.0)
+        #: No errcode answer came back (timeout, HTTP error, unreadable body): WeChat may
+        #: have issued a token nobody received, retiring the one before it.
+        self.maybe_issued = errcode is None
 
     @property
     def ip(self) -> str | None:

@@ -295,6 +295,7 @@ async def test_a_slow_redis_read_never_lets_a_refresh_skip_the_lock(make_config,
     srv = await start_server(make_config(refresh={"force_min_interval": 0, "timeout": 1}))
     _, before = await call(srv.port, "/wechat/token", type="access_token")
     redis_sync.set("access_token:lock", "another-instance", px=2500)  # someone else is fetching
+    lock_ends = time.monotonic() + 2.5
     loop = asyncio.get_running_loop()
     stall = loop.run_in_executor(None, redis_sync.execute_command, "DEBUG", "SLEEP", "0.8")
     await asyncio.sleep(0.05)
@@ -303,10 +304,12 @@ async def test_a_slow_redis_read_never_lets_a_refresh_skip_the_lock(make_config,
     assert status == 200 and body["access_token"] == before["access_token"]  # from memory...
     assert time.monotonic() - started < 0.75  # ...without waiting for the stalled Redis
     await stall
-    # Redis answers again: a forced refresh now waits for the lock holder, it does not call.
+    # Redis answers again: a forced refresh waits for the lock holder; it calls only once
+    # the holder has let go (here without a value or an announced failure).
     status, body = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")
-    assert status == 503 and "holding the refresh lock" in body["errmsg"]
-    assert sandbox.calls[TOKEN_PATH] == 1
+    assert status == 200 and body["access_token"] != before["access_token"]
+    assert time.monotonic() >= lock_ends - 0.1
+    assert sandbox.calls[TOKEN_PATH] == 2
 
 
 @pytest.mark.gen_test(timeout=15)
@@ -433,3 +436,111 @@ async def test_a_json_nesting_bomb_is_a_transient_failure(io_loop):
     assert info.value.kind is ErrorKind.TRANSIENT
     upstream.close()
     server.stop()
+
+
+# --- the second review's findings ----------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_restart_lifts_a_block_even_when_nothing_is_due(make_config, start_server, call, sandbox, redis_sync):
+    from server.app import stop
+
+    first = await start_server(make_config(refresh={"force_min_interval": 0}))
+    sandbox.inject(TOKEN_PATH, "errcode", errcode=40164, errmsg="invalid ip 203.0.113.9", times=1)
+    status, _ = await call(first.port, "/wechat/token/forcerefresh", type="access_token")  # the operator's
+    assert status == 503 and redis_sync.get("access_token:blocked") is not None
+    await stop(first, 1.0)
+    second = await start_server(make_config(clients=[SHOP], refresh={"force_min_interval": 0}))  # whitelist fixed
+    assert redis_sync.get("access_token:blocked") is None
+    await asyncio.sleep(0.3)
+    assert second.refresher.status()["access_token"]["state"] == "ok"
+    status, _ = await call(second.port, "/wechat/token/forcerefresh", headers=SHOP_AUTH, type="access_token")
+    assert status == 200 and sandbox.calls[TOKEN_PATH] == 3
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_crowd_joining_a_wait_for_another_instance_makes_no_second_call(make_config, start_server, call, sandbox):
+    cfg = make_config(server={"forcerefresh_per_minute": 100000}, refresh={"force_min_interval": 0})
+    a, b = await start_server(cfg), await start_server(cfg)
+    sandbox.inject(TOKEN_PATH, "hang", delay=1.0)
+    first = asyncio.ensure_future(call(a.port, "/wechat/token/forcerefresh", type="access_token"))
+    await asyncio.sleep(0.2)  # A is mid-fetch when B's crowd arrives
+    crowd = await asyncio.gather(*(call(b.port, "/wechat/token/forcerefresh", type="access_token") for _ in range(20)))
+    status, body = await first
+    assert status == 200 and {s for s, _ in crowd} == {200}
+    assert {b_["access_token"] for _, b_ in crowd} == {body["access_token"]}
+    assert sandbox.calls[TOKEN_PATH] == 2  # start + one
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_ticket_that_keeps_failing_rotates_the_token_only_once(make_config, start_server, call, sandbox):
+    sandbox.inject(TICKET_PATH, "errcode", errcode=40001, errmsg="invalid credential", times=None)
+    srv = await start_server(make_config(refresh=dict(FAST, backoff_max=1)))
+    status, _ = await call(srv.port, "/wechat/token", type="ticket")
+    assert status == 503
+    await asyncio.sleep(3.0)  # several backed-off retries of the ticket, which has no value
+    assert sandbox.calls[TICKET_PATH] >= 4
+    assert sandbox.calls[TOKEN_PATH] == 2  # start + the one recovery, never one per retry
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_without_redis_only_the_operator_may_force(make_config, start_server, call, sandbox, tmp_path):
+    from server.embedded_redis import EmbeddedRedis
+
+    own = EmbeddedRedis(str(tmp_path), persistent=False)
+    own.start()
+    try:
+        srv = await start_server(make_config(clients=[SHOP], redis={"url": own.url, "socket_timeout": 0.5}, refresh={"force_min_interval": 0}))
+    finally:
+        own.stop()
+    status, body = await call(srv.port, "/wechat/token/forcerefresh", headers=SHOP_AUTH, type="access_token")
+    assert status == 503 and "needs its lock" in body["errmsg"]
+    assert sandbox.calls[TOKEN_PATH] == 1
+    status, _ = await call(srv.port, "/wechat/token", headers=SHOP_AUTH, type="access_token")
+    assert status == 200  # reads go on from memory
+    status, _ = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")  # the operator
+    assert status == 200 and sandbox.calls[TOKEN_PATH] == 2
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_instances_do_not_each_ask_again_for_the_same_stable_token(make_config, start_server, sandbox, sandbox_url, redis_sync):
+    sandbox.expires_in = 20
+    stable = {
+        "url": f"{sandbox_url}/cgi-bin/stable_token",
+        "method": "POST",
+        "json": {"grant_type": "client_credential", "appid": "wx123", "secret": "sandbox-appsecret-0123456789"},
+    }
+    cfg = make_config(sources={"access_token": stable}, refresh={"interval": 0.2, "ahead": 19.5})
+    for _ in range(3):
+        await start_server(cfg)
+    await asyncio.sleep(2.0)  # every tick of every instance is inside `ahead`
+    assert sandbox.calls["/cgi-bin/stable_token"] == 2  # the fetch, then one confirmation for all
+    assert redis_sync.hget("access_token:meta", "version") == "1"  # a confirmation is no new value
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_forced_refresh_whose_answer_is_lost_caps_the_stored_token(make_config, start_server, call, sandbox, redis_sync):
+    srv = await start_server(make_config(refresh={"force_min_interval": 0, "timeout": 0.5}))
+    stored = redis_sync.get("access_token")
+    sandbox.inject(TOKEN_PATH, "hang", delay=1.0)  # WeChat issues a token after we gave up
+    status, _ = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")
+    assert status == 503
+    # Capped to WeChat's 5 minutes for a "previous" token, which is under `ahead`: the
+    # backoff retry refreshes it at once instead of serving it for hours.
+    assert await wait_until(lambda: redis_sync.get("access_token") != stored, timeout=5)
+    assert sandbox.token_status(redis_sync.get("access_token")) == 0
+    assert redis_sync.ttl("access_token") > 6900
+    assert sandbox.calls[TOKEN_PATH] == 3  # start, the lost one, the retry
+
+
+@pytest.mark.gen_test
+async def test_stop_closes_every_redis_connection(make_config, start_server, call, redis_sync):
+    from server.app import stop
+
+    baseline = len(redis_sync.client_list())
+    srv = await start_server(make_config())
+    await asyncio.gather(*(call(srv.port, "/wechat/token", type=t) for t in ["access_token", "ticket"] * 5))
+    assert len(redis_sync.client_list()) > baseline
+    await stop(srv, 1.0)
+    await asyncio.sleep(0.1)
+    assert len(redis_sync.client_list()) == baseline

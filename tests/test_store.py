@@ -118,3 +118,16 @@ async def test_backoff_is_announced_with_its_failure_count(store, redis_sync):
     await store.write("t", "V", 100, time.time(), "access_token", read_version=0)
     snap = await store.read("t")
     assert snap.backoff == 0 and snap.failures == 0  # a stored value ends the backoff
+
+
+@pytest.mark.gen_test
+async def test_putting_back_a_newer_value_ends_backoff_and_block(store, redis_sync):
+    from server.store import Block, Entry
+
+    now = time.time()
+    await store.write("t", "OLD", 100, now - 50, "access_token", read_version=0)
+    await store.set_backoff("t", 30, 2)
+    await store.set_blocked("t", Block("fatal", 40164, "invalid ip"), None)
+    assert await store.restore("t", Entry("NEWER", now + 100, now, 2, "access_token"))
+    snap = await store.read("t")
+    assert snap.entry.value == "NEWER" and snap.backoff == 0 and snap.failures == 0 and snap.blocked is None
