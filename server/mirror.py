@@ -117,9 +117,15 @@ class Mirror:
         """Take Redis's value and the block another instance announced (or its end)."""
         state = self.states[name]
         if snap.entry is not None:
-            if state.failures and (state.entry is None or snap.entry.version > state.entry.version):
-                # Another instance stored a new value: our failures are over too.
+            known = state.entry
+            newer = known is None or snap.entry.version > known.version
+            confirmed = known is not None and snap.entry.same_until > known.same_until
+            if newer or confirmed:
+                # Another instance stored a new value, or upstream confirmed ours: the
+                # failures are over here too.
                 state.failures, state.retry_at, state.last_error = 0, 0.0, ""
+                if newer:
+                    state.stale_recovery_failed = False
             state.entry = snap.entry
         now = time.time()
         if snap.blocked is not None:

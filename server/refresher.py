@@ -222,9 +222,11 @@ class Refresher:
         """
         want = Want(force, old, min_interval, retry_blocked, ignore_backoff)
         state = self.states[name]
-        while state.flight is not None:
+        while state.flight is not None and not state.flight.done():
             # Join the flight under way.  A value newer than the one known when joining
             # answers a forced refresh too; one it found fresh answers if it suffices.
+            # (A flight that has landed may still sit in state.flight until _landed runs:
+            # awaiting it again would not yield, so the loop only joins flights in the air.)
             seen = state.entry.version if state.entry is not None else -1
             try:
                 entry = await self._landing(state.flight)
@@ -329,6 +331,7 @@ class Refresher:
             if not self._needed(state.entry, want):
                 assert state.entry is not None
                 return state.entry
+            snap = seen  # the next wait looks for a change from here
         try:
             snap = await self.store.read(name)  # under the lock: did someone refresh meanwhile?
             self.mirror.adopt(name, snap)
@@ -340,7 +343,8 @@ class Refresher:
         except UpstreamError as e:
             # Announce before releasing the lock, so no other instance slips a call in.
             await self._announce(name, e, snap)
-            if want.force and e.maybe_issued and state.entry is not None:
+            rotates = want.force or not self.sources[name].cfg.force  # classic: every call issues one
+            if rotates and e.maybe_issued and state.entry is not None:
                 # The answer was lost, not the call: WeChat may have issued a token we never
                 # saw, leaving the stored one 5 minutes.  Let it be refreshed in time.
                 await self._cap(name, state.entry.value)
@@ -488,7 +492,10 @@ class Refresher:
         try:
             return await self._upstream_fetch(source, values, force)
         except UpstreamError as e:
-            if e.kind is not ErrorKind.STALE_TOKEN or state.stale_recovery_failed:
+            if e.kind is not ErrorKind.STALE_TOKEN:
+                raise
+            if state.stale_recovery_failed:
+                e.kind = ErrorKind.TRANSIENT  # backed off (and announced) like any failure
                 raise
             logger.warning("source %s: errcode %s with the current %s; refreshing it once", name, e.errcode, "/".join(source.deps))
         # Refresh each dependency only if the value we used is still current: when someone

@@ -100,9 +100,12 @@ return nv
 """
 
 # Upstream answered with the value already stored (stable_token in normal mode): note
-# until when no ordinary refresh should ask again, without a new version.
-# KEYS[1] value key, KEYS[2] meta key; ARGV[1] value, ARGV[2] same_until (unix seconds)
+# until when no ordinary refresh should ask again, without a new version.  An answer is a
+# success: it ends the backoff the instances follow.
+# KEYS[1] value key, KEYS[2] meta key, KEYS[3] backoff key, KEYS[4] failures key
+# ARGV[1] value, ARGV[2] same_until (unix seconds)
 _SAME_LUA = """
+redis.call('DEL', KEYS[3], KEYS[4])
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('HSET', KEYS[2], 'same_until', ARGV[2])
   return 1
@@ -115,7 +118,8 @@ return 0
 _CAP_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('PTTL', KEYS[1]) > tonumber(ARGV[2]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  redis.call('HSET', KEYS[2], 'expires_at', ARGV[3])
+  -- same_until no longer holds: the shortened value must be refreshed in time
+  redis.call('HSET', KEYS[2], 'expires_at', ARGV[3], 'same_until', 0)
   return 1
 end
 return 0
@@ -326,7 +330,7 @@ class Store:
     async def mark_same(self, name: str, value: str, until: float) -> bool:
         """Note that upstream confirmed the stored ``value``: no ordinary refresh before ``until``."""
         key = self.key(name)
-        return bool(await self._same(keys=[key, key + ":meta"], args=[value, repr(until)]))
+        return bool(await self._same(keys=[key, key + ":meta", key + ":backoff", key + ":failures"], args=[value, repr(until)]))
 
     async def clear_blocked(self, name: str) -> bool:
         """Lift the block every instance follows (a restart: the operator says try again)."""

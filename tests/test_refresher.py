@@ -544,3 +544,56 @@ async def test_stop_closes_every_redis_connection(make_config, start_server, cal
     await stop(srv, 1.0)
     await asyncio.sleep(0.1)
     assert len(redis_sync.client_list()) == baseline
+
+
+# --- the third review's findings -----------------------------------------------------------
+
+
+@pytest.mark.timeout(20)  # a spinning event loop cannot be stopped by the async timeout
+@pytest.mark.gen_test(timeout=15)
+async def test_a_caller_resumed_as_a_flight_lands_does_not_spin(make_config, start_server, sandbox):
+    srv = await start_server(make_config(refresh={"force_min_interval": 1}))
+    refresher, name = srv.refresher, "access_token"
+    state = refresher.states[name]
+    await asyncio.sleep(1.2)  # past force_min_interval: a forced refresh must fetch
+
+    async def forced_caller():
+        # Resumed by the same Redis read that completes the tick's flight, so it runs in the
+        # loop pass where that flight is done but not yet cleared from state.flight.
+        while state.flight is None or name not in refresher.mirror._reads:
+            await asyncio.sleep(0)
+        await refresher.mirror.read(name)
+        return await refresher.refresh(name, force=True)
+
+    tick = asyncio.ensure_future(refresher._attempt(name))  # what a PeriodicCallback tick runs
+    entry = await forced_caller()
+    await tick
+    assert entry.version == 2 and sandbox.calls[TOKEN_PATH] == 2
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_lost_answer_on_the_classic_endpoint_caps_the_token_even_when_not_forced(make_config, start_server, sandbox, redis_sync):
+    sandbox.expires_in = 700  # ahead 699: due 1 s after each fetch, with ~699 s of life left
+    srv = await start_server(make_config(refresh={"interval": 0.2, "ahead": 699, "timeout": 0.5, "backoff_max": 60}))
+    assert redis_sync.pttl("access_token") > 690_000
+    sandbox.inject(TOKEN_PATH, "hang", delay=1.0, times=1)  # the tick's call: WeChat issues, we never hear
+    state = srv.refresher.states["access_token"]
+    assert await wait_until(lambda: state.failures == 1, timeout=4, step=0.01)
+    # Cut to WeChat's 5 minutes for a "previous" token (the backoff retry comes 0.5-1 s later).
+    assert redis_sync.pttl("access_token") <= 300_000
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_confirmation_ends_the_shared_backoff(make_config, start_server, sandbox, sandbox_url, redis_sync):
+    stable = {
+        "url": f"{sandbox_url}/cgi-bin/stable_token",
+        "method": "POST",
+        "json": {"grant_type": "client_credential", "appid": "wx123", "secret": "sandbox-appsecret-0123456789"},
+    }
+    sandbox.expires_in = 20
+    srv = await start_server(make_config(sources={"access_token": stable}, refresh={"interval": 0.2, "ahead": 19.5, "backoff_max": 2}))
+    sandbox.inject("/cgi-bin/stable_token", "busy", times=2)
+    redis_sync.hset("access_token:meta", "same_until", 0)  # due again now
+    assert await wait_until(lambda: sandbox.calls["/cgi-bin/stable_token"] == 4, timeout=6)  # 2 busy, then the same value
+    assert await wait_until(lambda: redis_sync.get("access_token:failures") is None, timeout=2)
+    assert srv.refresher.states["access_token"].failures == 0
