@@ -18,6 +18,8 @@ import os
 import secrets
 import sys
 import tempfile
+from collections.abc import Coroutine
+from typing import Any
 
 from server.config import Config, ConfigError, load_config, parse_config
 
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
     if args.demo:
-        return asyncio.run(run_demo(args.port or 12123))
+        return run(run_demo(args.port or 12123))
     try:
         cfg: Config = load_config(args.config)
     except ConfigError as e:
@@ -135,11 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"config OK: {len(cfg.sources)} sources ({', '.join(cfg.sources)})")
         return 0
-    from server.app import StartupError, serve
+    from server.app import serve
 
+    return run(serve(cfg))
+
+
+def run(main_coroutine: Coroutine[Any, Any, int]) -> int:
+    """Run the server's coroutine; a start that cannot happen is one log line and exit 1."""
+    from server.app import StartupError
 
     try:
-        return asyncio.run(serve(cfg))
+        return asyncio.run(main_coroutine)
     except (OSError, StartupError) as e:
         logger.error("cannot start: %s", e)
         return 1

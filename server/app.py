@@ -28,7 +28,7 @@ from tornado.httpserver import HTTPServer
 
 from server.auth import Authenticator
 from server.config import Config
-from server.embedded_redis import EmbeddedRedis
+from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from server.handlers import (
     ActiveRequests,
     ForceRefreshHandler,
@@ -83,8 +83,11 @@ def redis_url(cfg: Config) -> tuple[str | None, EmbeddedRedis | None]:
     """The Redis URL to use, starting an embedded redis-server when none is configured."""
     if cfg.redis.url is not None or cfg.redis.sentinel is not None:
         return cfg.redis.url, None
-    embedded = EmbeddedRedis(cfg.redis.data_dir, cfg.redis.port)
-    url = embedded.start()
+    try:
+        embedded = EmbeddedRedis(cfg.redis.data_dir, cfg.redis.port)
+        url = embedded.start()
+    except (EmbeddedRedisError, OSError) as e:
+        raise StartupError(f"cannot start the embedded Redis: {e}") from None
     logger.info("embedded redis-server started: direct readers use %s (redis-cli -p %d GET access_token)", url, embedded.port)
     return url, embedded
 

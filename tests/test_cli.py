@@ -63,3 +63,19 @@ def test_demo_serves_tokens_from_embedded_redis_and_stops_cleanly(tmp_path) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_taken_port_is_one_line_and_exit_1(tmp_path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "token_server.py", "--demo", "--port", str(port)],
+            cwd=ROOT, capture_output=True, text=True, timeout=30,
+        )
+    assert result.returncode == 1
+    assert "cannot start: [Errno 98] Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
