@@ -230,7 +230,8 @@ class ForceRefreshHandler(BaseHandler):
                 raise Refused(e) from None
         # The operator (the server.secret holder) may retry a blocked source and skip the
         # backoff; a business server's forced refresh may not.
-        operator = self.principal is not None and self.principal.name == OPERATOR
+        # By the secret, not the name: a JWT may carry any `sub`, "default" included.
+        operator = self.principal is not None and self.principal.name == OPERATOR and self.principal.via == "secret"
         try:
             entry = await self.refresher.refresh(name, force=True, old=old, retry_blocked=operator, ignore_backoff=operator)
         except Unavailable as e:

@@ -28,11 +28,11 @@ READ_WAIT = 0.5  # seconds a request with a valid value in memory waits for Redi
 class Mirror:
     """Reads of Redis reconciled with the per-source memory in ``states``.
 
-    ``on_block(name, block, version)`` is called when Redis announces a block this process
+    ``on_block(name, block)`` is called when Redis announces a block this process
     did not know (another instance got a fatal errcode or 45009).
     """
 
-    def __init__(self, store: Store, states: dict[str, SourceState], on_block: Callable[[str, Block, int], None]) -> None:
+    def __init__(self, store: Store, states: dict[str, SourceState], on_block: Callable[[str, Block], None]) -> None:
         self.store = store
         self.states = states
         self.on_block = on_block
@@ -130,7 +130,9 @@ class Mirror:
         now = time.time()
         if snap.blocked is not None:
             if state.blocked(now) != snap.blocked:
-                self.on_block(name, snap.blocked, snap.version)
-        elif state.block is not None and snap.version > state.block_version:
-            logger.info("source %s: a new value was stored; no longer blocked", name)
-            state.block = None
+                self.on_block(name, snap.blocked)
+        elif state.block is not None:
+            # Lifted in Redis (a value was stored, a restart, the quota's TTL): lift it here
+            # too.  A block Redis never heard of (it was down) costs one more try, no more.
+            logger.info("source %s: the block was lifted; no longer blocked", name)
+            state.block, state.failures, state.retry_at, state.last_error = None, 0, 0.0, ""

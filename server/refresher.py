@@ -200,6 +200,8 @@ class Refresher:
             if not want.retry_blocked:
                 raise Blocked(why_unavailable(name, state, now))
             logger.warning("source %s: trying again despite errcode %s, as asked", name, block.errcode)
+        if want.force and now < state.force_spent_until:
+            raise Blocked(f"source {name}: today's forced refreshes are used up (45009); the current value is served until it is renewed")
         if want.ignore_backoff:
             return
         wait = max(state.retry_at - now, snap.backoff if snap is not None else 0.0)
@@ -341,6 +343,12 @@ class Refresher:
             self._gate(name, want, snap)
             return await self._fetch_and_store(name, want.force, values, snap.version, token)
         except UpstreamError as e:
+            if e.kind is ErrorKind.QUOTA and want.force and self.sources[name].cfg.force:
+                # stable_token: 45009 to force_refresh means the 20 forced calls of the day
+                # are spent, not the source: ordinary refreshes go on.
+                state.force_spent_until = next_quota_reset(time.time())
+                logger.error("source %s: forced refreshes used up for today (errcode 45009: %s); ordinary refreshes go on", name, e.errmsg)
+                raise Blocked(f"source {name}: today's forced refreshes are used up (45009)") from None
             # Announce before releasing the lock, so no other instance slips a call in.
             await self._announce(name, e, snap)
             rotates = want.force or not self.sources[name].cfg.force  # classic: every call issues one
@@ -506,6 +514,7 @@ class Refresher:
             try:
                 values[dep] = (await self.refresh(dep, force=True, old=values[dep], min_interval=False)).value
             except (UpstreamError, Unavailable) as err:
+                state.stale_recovery_failed = True  # not again on every tick while the token fails
                 raise DependencyUnavailable(f"{dep} could not be refreshed ({err})") from None
         await self._keep_lock(name, token)
         try:
@@ -557,10 +566,10 @@ class Refresher:
 
     # --- failures ------------------------------------------------------------------------
 
-    def _block(self, name: str, block: Block, version: int, how: str) -> None:
+    def _block(self, name: str, block: Block, how: str) -> None:
         state = self.states[name]
         now = time.time()
-        state.block, state.block_version = block, version
+        state.block = block
         state.block_until = next_quota_reset(now) if block.kind == "quota" else math.inf
         if state.retry_handle is not None:
             IOLoop.current().remove_timeout(state.retry_handle)
@@ -584,8 +593,7 @@ class Refresher:
         state.last_error = str(err)
         if isinstance(err, UpstreamError) and err.kind in (ErrorKind.FATAL, ErrorKind.QUOTA):
             kind = "quota" if err.kind is ErrorKind.QUOTA else "fatal"
-            version = state.entry.version if state.entry else 0
-            self._block(name, Block(kind, err.errcode or 0, err.errmsg), version, f"after {elapsed:.2f}s")
+            self._block(name, Block(kind, err.errcode or 0, err.errmsg), f"after {elapsed:.2f}s")
             return
         floor = self._backoff_floor(state.failures, err)
         delay = random.uniform(floor, 2 * floor)

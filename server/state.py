@@ -66,11 +66,11 @@ class SourceState:
     retry_at: float = 0.0  # no fetch before this (backoff), unless an operator forces one
     block: Block | None = None  # a fatal errcode or 45009: no fetch until retried
     block_until: float = 0.0  # when the block ends by itself (midnight for 45009, inf for fatal)
-    block_version: int = 0  # the Redis version when blocked: a newer value ends the block
     last_error: str = ""
     upstream_calls: int = 0
     flight: asyncio.Future[Entry] | None = None  # the fetch under way (single flight)
     stale_recovery_failed: bool = False  # 40001 again after refreshing the dependency
+    force_spent_until: float = 0.0  # 45009 on a forced call (stable_token: 20 a day): no forced call before this
     retry_handle: object | None = None
 
     def blocked(self, now: float) -> Block | None:

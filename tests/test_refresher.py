@@ -597,3 +597,45 @@ async def test_a_confirmation_ends_the_shared_backoff(make_config, start_server,
     assert await wait_until(lambda: sandbox.calls["/cgi-bin/stable_token"] == 4, timeout=6)  # 2 busy, then the same value
     assert await wait_until(lambda: redis_sync.get("access_token:failures") is None, timeout=2)
     assert srv.refresher.states["access_token"].failures == 0
+
+
+# --- the fourth review's findings ----------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_spent_forced_quota_of_a_stable_token_does_not_stop_ordinary_refreshes(make_config, start_server, call, sandbox, sandbox_url, redis_sync):
+    sandbox.expires_in = 20
+    stable = {
+        "url": f"{sandbox_url}/cgi-bin/stable_token",
+        "method": "POST",
+        "json": {"grant_type": "client_credential", "appid": "wx123", "secret": "sandbox-appsecret-0123456789", "force_refresh": False},
+        "force": {"force_refresh": True},
+    }
+    srv = await start_server(make_config(sources={"access_token": stable}, refresh={"interval": 0.2, "ahead": 1, "force_min_interval": 0}))
+    sandbox.inject("/cgi-bin/stable_token", "errcode", errcode=45009, errmsg="reach max api daily quota limit", times=1)
+    status, body = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")
+    assert status == 503 and "forced refreshes are used up" in body["errmsg"]
+    calls = sandbox.calls["/cgi-bin/stable_token"]
+    status, _ = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")
+    assert status == 503 and sandbox.calls["/cgi-bin/stable_token"] == calls  # no forced call until midnight
+    assert redis_sync.get("access_token:blocked") is None
+    assert srv.refresher.status()["access_token"]["state"] == "ok"
+    status, _ = await call(srv.port, "/wechat/token", type="access_token")
+    assert status == 200
+    # Ordinary refreshes go on: the value falls due (ahead 1 s) and is renewed.
+    redis_sync.pexpire("access_token", 1500)  # due in half a second
+    assert await wait_until(lambda: sandbox.calls["/cgi-bin/stable_token"] > calls, timeout=5)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_block_lifted_in_redis_is_lifted_in_every_instance(make_config, start_server, call, sandbox, redis_sync):
+    cfg = make_config(refresh=dict(FAST, ahead=1, force_min_interval=0))
+    a, b = await start_server(cfg), await start_server(cfg)
+    sandbox.inject(TOKEN_PATH, "errcode", errcode=40164, errmsg="invalid ip 203.0.113.9", times=1)
+    status, _ = await call(a.port, "/wechat/token/forcerefresh", type="access_token")
+    assert status == 503
+    assert await wait_until(lambda: b.refresher.status()["access_token"]["state"] == "blocked", timeout=3)
+    await start_server(cfg)  # a restart elsewhere lifts the block (whitelist fixed), storing nothing new
+    assert redis_sync.get("access_token:blocked") is None
+    assert await wait_until(lambda: b.refresher.status()["access_token"]["state"] == "ok", timeout=3)
+    assert await wait_until(lambda: a.refresher.status()["access_token"]["state"] == "ok", timeout=3)

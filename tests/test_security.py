@@ -630,3 +630,14 @@ def test_rediss_url_and_password_are_accepted(redis_url, sandbox_url):
     raw["redis"] = {"url": "rediss://redis.example:6380/0", "password": "redis-password-0123"}
     cfg = parse_config(yaml.safe_dump(raw), env={})
     assert cfg.redis.url.startswith("rediss://") and "redis-password-0123" in config_secrets(cfg)
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_jwt_whose_sub_is_default_is_no_operator(make_config, start_server, call, sandbox):
+    sandbox.inject("/cgi-bin/token", "errcode", errcode=40164, errmsg="invalid ip 203.0.113.9", times=None)
+    srv = await start_server(make_config(jwt=JWT_CFG))
+    assert srv.refresher.status()["access_token"]["state"] == "blocked"
+    token = make_jwt(sub="default", sources=["access_token"])
+    status, body = await call(srv.port, "/wechat/token/forcerefresh", headers={"Authorization": f"Bearer {token}"}, type="access_token")
+    assert status == 503 and "blocked" in body["errmsg"]
+    assert sandbox.calls["/cgi-bin/token"] == 1  # only the operator's secret retries a blocked source
