@@ -166,9 +166,7 @@ class Refresher:
         want = want or Want()
         try:
             await self.refresh(name, force=want.force, retry_blocked=want.retry_blocked)
-        except Unavailable:
-            pass
-        except UpstreamError:
+        except (Unavailable, UpstreamError):
             pass
 
     # --- reading -------------------------------------------------------------------------
