@@ -94,7 +94,9 @@ class Mirror:
             snap = await self.store.read(name)
             mem = state.entry
             if mem is not None and mem.remaining() > 1 and (
-                snap.entry is None or (snap.entry.version, snap.entry.fetched_at) < (mem.version, mem.fetched_at)
+                # the value key alone is gone (a newer version that expired is not)
+                (snap.entry is None and snap.version <= mem.version)
+                or (snap.entry is not None and (snap.entry.version, snap.entry.fetched_at) < (mem.version, mem.fetched_at))
             ):
                 if await self.store.restore(name, mem):
                     logger.warning("source %s: redis lacked the newest value; put it back from memory", name)
@@ -113,6 +115,13 @@ class Mirror:
         self.adopt(name, snap)
         return snap
 
+    async def read_now(self, name: str) -> Snapshot:
+        """Redis's snapshot, read now and adopted (no sharing, no skipping after errors):
+        for the refresher's decisions under the lock.  Raises RedisError."""
+        snap = await self.store.read(name)
+        self.adopt(name, snap)
+        return snap
+
     def adopt(self, name: str, snap: Snapshot) -> None:
         """Take Redis's value and the block another instance announced (or its end)."""
         state = self.states[name]
@@ -123,7 +132,7 @@ class Mirror:
             if newer or confirmed:
                 # Another instance stored a new value, or upstream confirmed ours: the
                 # failures are over here too.
-                state.failures, state.retry_at, state.last_error = 0, 0.0, ""
+                state.healthy()
                 if newer:
                     state.stale_recovery_failed = False
             state.entry = snap.entry
@@ -135,4 +144,5 @@ class Mirror:
             # Lifted in Redis (a value was stored, a restart, the quota's TTL): lift it here
             # too.  A block Redis never heard of (it was down) costs one more try, no more.
             logger.info("source %s: the block was lifted; no longer blocked", name)
-            state.block, state.failures, state.retry_at, state.last_error = None, 0, 0.0, ""
+            state.block = None
+            state.healthy()

@@ -189,6 +189,11 @@ class Refresher:
             return False
         return True
 
+    def _fresh(self, name: str, want: Want) -> Entry | None:
+        """The entry that answers ``want`` without a fetch, or None when one is needed."""
+        entry = self.states[name].entry
+        return None if self._needed(entry, want) else entry
+
     def _gate(self, name: str, want: Want, snap: Snapshot | None) -> None:
         """Raise unless a call for ``name`` may reach WeChat now (the one place that says so)."""
         state = self.states[name]
@@ -271,13 +276,11 @@ class Refresher:
         except (UpstreamError, Unavailable) as e:
             self._failed(name, e, time.monotonic() - started)
             raise
-        except RedisError as e:
-            err = Unavailable(f"redis error: {type(e).__name__}")
-            self._failed(name, err, time.monotonic() - started)
-            raise err from None
-        except Exception as e:  # a bug must not stop the refresher or skip the backoff
-            logger.exception("source %s: unexpected error while refreshing", name)
-            err = Unavailable(f"internal error: {type(e).__name__}")
+        except Exception as e:  # Redis failing mid-way, or a bug: neither may skip the backoff
+            redis_failed = isinstance(e, RedisError)
+            if not redis_failed:
+                logger.exception("source %s: unexpected error while refreshing", name)
+            err = Unavailable(f"{'redis' if redis_failed else 'internal'} error: {type(e).__name__}")
             self._failed(name, err, time.monotonic() - started)
             raise err from None
         self._wake_dependents(name)
@@ -297,18 +300,15 @@ class Refresher:
     async def _refresh_locked(self, name: str, want: Want) -> Entry:
         state = self.states[name]
         snap = await self.mirror.read(name)
-        if not self._needed(state.entry, want):
-            assert state.entry is not None
-            return state.entry
+        if fresh := self._fresh(name, want):
+            return fresh
         if snap is None:  # reads skip Redis after an error: ask it once more for the lock
             try:
-                snap = await self.store.read(name)
-                self.mirror.adopt(name, snap)
+                snap = await self.mirror.read_now(name)
             except RedisError:
                 return await self._refresh_without_redis(name, want)
-            if not self._needed(state.entry, want):
-                assert state.entry is not None
-                return state.entry
+            if fresh := self._fresh(name, want):
+                return fresh
         self._gate(name, want, snap)
         # Dependencies first, so this source's lock is never held while waiting for them.
         values = await self._dependency_values(name)
@@ -328,16 +328,13 @@ class Refresher:
             # (its failure, if any, is announced: the gate under the lock will say so).
             if seen.entry is not None and seen.version != snap.version and (want.force or not self._needed(seen.entry, want)):
                 return seen.entry
-            if not self._needed(state.entry, want):
-                assert state.entry is not None
-                return state.entry
+            if fresh := self._fresh(name, want):
+                return fresh
             snap = seen  # the next wait looks for a change from here
         try:
-            snap = await self.store.read(name)  # under the lock: did someone refresh meanwhile?
-            self.mirror.adopt(name, snap)
-            if not self._needed(state.entry, want):
-                assert state.entry is not None
-                return state.entry
+            snap = await self.mirror.read_now(name)  # under the lock: did someone refresh meanwhile?
+            if fresh := self._fresh(name, want):
+                return fresh
             self._gate(name, want, snap)
             return await self._fetch_and_store(name, want.force, values, snap.version, token)
         except UpstreamError as e:
@@ -365,7 +362,7 @@ class Refresher:
         """Shorten ``value``'s life to WeChat's overlap for a "previous" token, in Redis and memory."""
         try:
             if await self.store.cap_life(name, value, PREVIOUS_TOKEN_LIFE):
-                self.mirror.adopt(name, await self.store.read(name))
+                await self.mirror.read_now(name)
         except RedisError:
             pass
 
@@ -469,13 +466,12 @@ class Refresher:
         state = self.states[name]
         if state.failures or state.block:
             logger.info("source %s: recovered after %d failed attempts", name, state.failures)
-        state.failures, state.retry_at, state.block, state.last_error = 0, 0.0, None, ""
-        state.stale_recovery_failed = False
+        state.healthy()
+        state.block, state.stale_recovery_failed = None, False
 
     async def _fenced_out(self, name: str, fetched: Fetched, memory: Entry) -> Entry:
         """Another process stored a value while our (slow) fetch ran: keep theirs."""
-        snap = await self.store.read(name)
-        self.mirror.adopt(name, snap)
+        snap = await self.mirror.read_now(name)
         if snap.entry is None:
             self.states[name].entry = memory
             return memory

@@ -73,6 +73,10 @@ class SourceState:
     force_spent_until: float = 0.0  # 45009 on a forced call (stable_token: 20 a day): no forced call before this
     retry_handle: object | None = None
 
+    def healthy(self) -> None:
+        """Forget past failures (an upstream answer, or another instance's new value)."""
+        self.failures, self.retry_at, self.last_error = 0, 0.0, ""
+
     def blocked(self, now: float) -> Block | None:
         return self.block if self.block is not None and now < self.block_until else None
 

@@ -356,12 +356,14 @@ async def test_a_ticket_is_not_blamed_for_its_tokens_error(make_config, start_se
     states = srv.refresher.status()
     assert states["access_token"]["state"] == "blocked"
     assert states["ticket"]["state"] != "blocked" and states["ticket"]["failures"] == 0
-    # The token comes back: the ticket is refreshed at once, with no forced refresh of its own.
+    # The token comes back: both are healthy, and the ticket (still valid) is not fetched again.
     sandbox.clear_faults()
     tickets = sandbox.calls[TICKET_PATH]
     status, _ = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")
     assert status == 200
-    assert await wait_until(lambda: sandbox.calls[TICKET_PATH] > tickets, timeout=3) or srv.refresher.status()["ticket"]["expires_in"] > 600
+    states = srv.refresher.status()
+    assert states["access_token"]["state"] == states["ticket"]["state"] == "ok"
+    assert sandbox.calls[TICKET_PATH] == tickets
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -639,3 +641,16 @@ async def test_a_block_lifted_in_redis_is_lifted_in_every_instance(make_config, 
     assert redis_sync.get("access_token:blocked") is None
     assert await wait_until(lambda: b.refresher.status()["access_token"]["state"] == "ok", timeout=3)
     assert await wait_until(lambda: a.refresher.status()["access_token"]["state"] == "ok", timeout=3)
+
+
+@pytest.mark.gen_test
+async def test_reads_do_not_try_to_put_back_a_value_redis_has_a_newer_version_of(make_config, start_server, call, redis_sync):
+    srv = await start_server(make_config())
+    redis_sync.hset("access_token:meta", "version", 5)  # another instance stored v5, which has expired
+    redis_sync.delete("access_token")
+    redis_sync.config_resetstat()
+    for _ in range(5):
+        await call(srv.port, "/wechat/token", type="access_token")
+    scripts = redis_sync.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    assert scripts == 0  # no put-back attempt (and re-read) on every request
+    assert redis_sync.get("access_token") is None
