@@ -3,8 +3,13 @@
 Redis is the source of truth while it answers: every read goes there (concurrent reads of
 one source share one round trip), and every instance therefore serves the value Redis
 holds, whoever wrote it.  Memory is the fallback while Redis is unreachable or slow, and
-wins when it is newer (Redis lost the value, came back with old data, or failed over to a
-lagging replica): then it is put back, without an upstream call.
+wins when its version is higher (Redis lost the value, came back with old data, or failed
+over to a lagging replica; versions keep their order across such a loss, see
+:mod:`server.store`): then it is put back, without an upstream call, and every other
+source is checked at once, since whatever lost one value probably lost them all.
+
+A value Redis says was superseded (a higher version with no value: it was replaced and
+expired, or WeChat rejected it) is forgotten here too.
 """
 
 from __future__ import annotations
@@ -23,22 +28,24 @@ logger = logging.getLogger(__name__)
 
 REDIS_RETRY_DELAY = 1.0  # seconds during which reads skip Redis after a Redis error
 READ_WAIT = 0.5  # seconds a request with a valid value in memory waits for Redis
+MIN_PUT_BACK_LIFE = 1.0  # seconds: a value closer to its expiry than this is not put back
 
 
 class Mirror:
     """Reads of Redis reconciled with the per-source memory in ``states``.
 
-    ``on_block(name, block)`` is called when Redis announces a block this process
-    did not know (another instance got a fatal errcode or 45009).
+    ``on_block(name, block, seconds)`` is called when Redis announces a block this process
+    did not know (another instance got a fatal errcode or 45009), ending in ``seconds``.
     """
 
-    def __init__(self, store: Store, states: dict[str, SourceState], on_block: Callable[[str, Block], None]) -> None:
+    def __init__(self, store: Store, states: dict[str, SourceState], on_block: Callable[[str, Block, float], None]) -> None:
         self.store = store
         self.states = states
         self.on_block = on_block
         self._reads: dict[str, asyncio.Future[Snapshot | None]] = {}  # Redis reads under way
         self._redis_down_logged = False
         self._redis_retry_at = 0.0  # monotonic time before which reads skip Redis
+        self._checking: asyncio.Future[None] | None = None  # check_all under way
 
     async def current(self, name: str) -> Entry:
         """The valid value to serve now: Redis's, or memory's while Redis is down or slow.
@@ -49,21 +56,21 @@ class Mirror:
         """
         state = self.states[name]
         pending = self._read_shared(name)
-        snap: Snapshot | None
         if state.entry is not None and state.entry.remaining() > 0:
             try:
-                snap = await asyncio.wait_for(asyncio.shield(pending), READ_WAIT)
+                await asyncio.wait_for(asyncio.shield(pending), READ_WAIT)
             except asyncio.TimeoutError:
-                snap = None
+                pass
         else:
-            snap = await asyncio.shield(pending)
-        entry = snap.entry if snap is not None and snap.entry is not None else state.entry
+            await asyncio.shield(pending)
+        # Redis's answer, if any, was adopted into memory: memory is the answer.
+        entry = state.entry
         if entry is None or entry.remaining() <= 0:
-            raise Unavailable(why_unavailable(name, state, time.time()))
+            raise Unavailable(why_unavailable(name, state, time.monotonic()))
         return entry
 
     async def read(self, name: str) -> Snapshot | None:
-        """Redis's snapshot, reconciled with memory (see _read_redis); None when Redis is unreachable."""
+        """Redis's snapshot, reconciled with memory (see _reconcile); None when Redis is unreachable."""
         return await asyncio.shield(self._read_shared(name))
 
     def _read_shared(self, name: str) -> asyncio.Future[Snapshot | None]:
@@ -80,66 +87,103 @@ class Mirror:
         return pending
 
     async def _read_redis(self, name: str) -> Snapshot | None:
-        """Read Redis and reconcile: adopt Redis's value, unless memory's is newer.
+        if time.monotonic() < self._redis_retry_at:
+            return None
+        try:
+            snap = await self._reconcile(name, await self.store.read(name))
+        except RedisError as e:
+            self._redis_failed(e)
+            return None
+        if self._redis_down_logged:
+            logger.warning("redis reachable again: putting back what it lacks")
+            self._redis_down_logged = False
+            self.check_soon()
+        return snap
+
+    def _redis_failed(self, e: Exception) -> None:
+        # Skip Redis for a second: requests answer from memory at once instead of each
+        # waiting for a timeout, and nothing hammers a dead Redis.
+        self._redis_retry_at = time.monotonic() + REDIS_RETRY_DELAY
+        if not self._redis_down_logged:
+            logger.error("redis unreachable (%s): serving values held in memory", type(e).__name__)
+            self._redis_down_logged = True
+
+    async def read_now(self, name: str) -> Snapshot:
+        """Redis's snapshot, read now and reconciled (no sharing, no skipping after errors):
+        for the refresher's decisions under the lock.  Raises RedisError."""
+        return await self._reconcile(name, await self.store.read(name))
+
+    async def _reconcile(self, name: str, snap: Snapshot) -> Snapshot:
+        """Put memory's value back when it is newer than Redis's, then adopt Redis's.
 
         Memory is newer when Redis lost the value (restarted empty, evicted, deleted by
         hand), came back with old data, or failed over to a lagging replica, or when this
-        process fetched while Redis was unreachable: then memory's value is put back (no
-        upstream call), since WeChat may already have retired the one Redis holds.
+        process fetched while Redis was unreachable: WeChat may already have retired the
+        value Redis holds.  The put-back makes no upstream call.
+        """
+        mem = self.states[name].entry
+        if mem is not None and mem.remaining() > MIN_PUT_BACK_LIFE and (
+            # the value key alone is gone (a higher version that expired or was rejected is not)
+            (snap.entry is None and snap.version <= mem.version)
+            or (snap.entry is not None and snap.entry.version < mem.version)
+        ):
+            if await self.store.write(name, mem, restore=True):
+                logger.warning("source %s: redis lacked the newest value (version %d); put it back from memory", name, mem.version)
+                self.check_soon()  # whatever lost this value probably lost the others too
+            snap = await self.store.read(name)
+        self.adopt(name, snap)
+        return snap
+
+    def check_soon(self) -> None:
+        """Run :meth:`check_all` in the background (once at a time)."""
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.ensure_future(self.check_all())
+
+    async def check_all(self) -> None:
+        """Put back every value memory holds that Redis lacks or holds an older version of.
+
+        One round trip when nothing is missing (the refresher calls this every second, so
+        direct Redis readers get every value back soon after Redis loses its data).
         """
         if time.monotonic() < self._redis_retry_at:
-            return None
-        state = self.states[name]
+            return
+        held = {n: s.entry for n, s in self.states.items() if s.entry is not None and s.entry.remaining() > MIN_PUT_BACK_LIFE}
+        if not held:
+            return
         try:
-            snap = await self.store.read(name)
-            mem = state.entry
-            if mem is not None and mem.remaining() > 1 and (
-                # the value key alone is gone (a newer version that expired is not)
-                (snap.entry is None and snap.version <= mem.version)
-                or (snap.entry is not None and (snap.entry.version, snap.entry.fetched_at) < (mem.version, mem.fetched_at))
-            ):
-                if await self.store.restore(name, mem):
-                    logger.warning("source %s: redis lacked the newest value; put it back from memory", name)
-                snap = await self.store.read(name)
+            versions = await self.store.versions(list(held))
+            for name, entry in held.items():
+                stored = versions[name]
+                if stored is None or stored < entry.version:
+                    await self.read_now(name)
         except RedisError as e:
-            # Skip Redis for a second: requests answer from memory at once instead of each
-            # waiting for a timeout, and nothing hammers a dead Redis.
-            self._redis_retry_at = time.monotonic() + REDIS_RETRY_DELAY
-            if not self._redis_down_logged:
-                logger.error("redis unreachable (%s): serving values held in memory", type(e).__name__)
-                self._redis_down_logged = True
-            return None
-        if self._redis_down_logged:
-            logger.warning("redis reachable again")
-            self._redis_down_logged = False
-        self.adopt(name, snap)
-        return snap
-
-    async def read_now(self, name: str) -> Snapshot:
-        """Redis's snapshot, read now and adopted (no sharing, no skipping after errors):
-        for the refresher's decisions under the lock.  Raises RedisError."""
-        snap = await self.store.read(name)
-        self.adopt(name, snap)
-        return snap
+            self._redis_failed(e)
 
     def adopt(self, name: str, snap: Snapshot) -> None:
-        """Take Redis's value and the block another instance announced (or its end)."""
+        """Take Redis's value, unless memory's is newer, and the block another instance
+        announced (or its end)."""
         state = self.states[name]
+        known = state.entry
         if snap.entry is not None:
-            known = state.entry
-            newer = known is None or snap.entry.version > known.version
-            confirmed = known is not None and snap.entry.same_until > known.same_until
-            if newer or confirmed:
-                # Another instance stored a new value, or upstream confirmed ours: the
-                # failures are over here too.
-                state.healthy()
-                if newer:
-                    state.stale_recovery_failed = False
-            state.entry = snap.entry
-        now = time.time()
+            if known is None or known.remaining() <= 0 or snap.entry.version >= known.version:
+                newer = known is None or snap.entry.version > known.version
+                confirmed = known is not None and snap.entry.same_until > known.same_until
+                if newer or confirmed:
+                    # Another instance stored a new value, or upstream confirmed ours: the
+                    # failures are over here too.
+                    state.healthy()
+                    if newer:
+                        state.stale_recovery_failed = False
+                state.entry = snap.entry
+        elif known is not None and snap.version > known.version:
+            # Superseded: replaced by a value that has expired since, or rejected by WeChat.
+            state.entry = None
+        now = time.monotonic()
         if snap.blocked is not None:
             if state.blocked(now) != snap.blocked:
-                self.on_block(name, snap.blocked)
+                self.on_block(name, snap.blocked, snap.blocked_for)
+            else:
+                state.block_until = now + snap.blocked_for  # Redis's TTL (a quota block's midnight) rules
         elif state.block is not None:
             # Lifted in Redis (a value was stored, a restart, the quota's TTL): lift it here
             # too.  A block Redis never heard of (it was down) costs one more try, no more.

@@ -19,20 +19,29 @@ China time, announced in Redis too; only an operator's forced refresh (the
 
 When Redis is unreachable the refresher serves values from memory and refreshes them
 there when they are about to expire (never earlier: without the lock another instance
-may be refreshing too); the first read after Redis returns puts them back
-(``Store.restore``), without an upstream call.
+may be refreshing too); once Redis answers again, every value it lacks is put back
+(:class:`Mirror`, checked every second), without an upstream call.
+
+A call whose answer is lost (a timeout, a dropped connection, a fetch cancelled at
+shutdown) may have issued a token nobody received, which leaves the stored one WeChat's
+"previous" token: its life is cut to 5 minutes.  The next call waits twice as long for
+its answer (up to 8 times ``refresh.timeout``), and after two lost answers in a row the
+stored token is checked with WeChat (``getcallbackip``, which costs no quota) and dropped
+when WeChat rejects it, so a slow WeChat never leaves a dead token served.
+
+Durations (backoff, minimum intervals, remaining life) are measured on the monotonic
+clock; moments other instances compare are on Redis's clock (see :mod:`server.store`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime
 import logging
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -44,23 +53,25 @@ from server.metrics import Metrics
 from server.mirror import Mirror
 from server.sources import Fetched, Source
 from server.state import (
-    CHINA,
     BackingOff,
     Blocked,
     DependencyUnavailable,
+    NotPermitted,
     SourceState,
     Unavailable,
     Want,
     backoff_floor,
-    next_quota_reset,
+    until_quota_reset,
     why_unavailable,
 )
-from server.store import Block, Entry, Snapshot, Store
+from server.store import Block, Entry, Lease, Snapshot, Store
 from server.upstream import ErrorKind, Upstream, UpstreamError
 
 logger = logging.getLogger(__name__)
 
 PREVIOUS_TOKEN_LIFE = 300.0  # seconds WeChat keeps the previous token valid after a new one
+CHECK_INTERVAL = 1.0  # seconds between checks that Redis still holds every value memory holds
+MAX_TIMEOUT_GROWTH = 3  # after lost answers a call waits up to 2**3 times refresh.timeout
 
 
 def _landed(state: SourceState, flight: asyncio.Future[Entry]) -> None:
@@ -91,9 +102,8 @@ class Refresher:
         self._timer: PeriodicCallback | None = None
         self._stopping = False
         self._tasks: set[asyncio.Future[Any]] = set()  # ticks, retries, wake-ups under way
-        self.mirror = Mirror(store, self.states, partial(self._block, how="announced by another instance"))
-        #: a lock outlives the calls made under it; it is renewed before a second call
-        self.lock_lease = 2 * cfg.timeout + 5
+        self.mirror = Mirror(store, self.states, self._announced_block)
+        self._watch: PeriodicCallback | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -105,13 +115,16 @@ class Refresher:
         await self.refresh_due(first=True)
         self._timer = PeriodicCallback(self._tick, self.cfg.interval * 1000)
         self._timer.start()
+        self._watch = PeriodicCallback(self.mirror.check_soon, CHECK_INTERVAL * 1000)
+        self._watch.start()
 
     def stop(self) -> None:
         """Stop the timer and pending retries; in-flight fetches go on (see drain)."""
         self._stopping = True
-        if self._timer is not None:
-            self._timer.stop()
-            self._timer = None
+        for timer in (self._timer, self._watch):
+            if timer is not None:
+                timer.stop()
+        self._timer = self._watch = None
         for state in self.states.values():
             if state.retry_handle is not None:
                 IOLoop.current().remove_timeout(state.retry_handle)
@@ -155,7 +168,7 @@ class Refresher:
                 except RedisError:
                     pass
             state = self.states[name]
-            now = time.time()
+            now = time.monotonic()
             if not first and (state.blocked(now) or now < state.retry_at):
                 await self.mirror.read(name)  # keep serving (and reconciling) what Redis holds
                 continue
@@ -182,12 +195,12 @@ class Refresher:
         if entry is None or entry.remaining() <= 0:
             return True
         if not want.force:
-            return entry.remaining() < self.cfg.ahead and time.time() >= entry.same_until
-        if want.old is not None and want.old != entry.value:
-            return False  # someone already rotated it: the caller gets the new one
-        if want.min_interval and time.time() - entry.fetched_at < self.cfg.force_min_interval:
-            return False
-        return True
+            return entry.remaining() < self.cfg.ahead and time.monotonic() >= entry.same_until
+        if want.old is not None:
+            # The caller proved ``old`` dead (WeChat answered it 40001): replace it whatever
+            # its age, once; a caller holding an older value gets the current one.
+            return want.old == entry.value
+        return not (want.min_interval and entry.age() < self.cfg.force_min_interval)
 
     def _fresh(self, name: str, want: Want) -> Entry | None:
         """The entry that answers ``want`` without a fetch, or None when one is needed."""
@@ -197,7 +210,7 @@ class Refresher:
     def _gate(self, name: str, want: Want, snap: Snapshot | None) -> None:
         """Raise unless a call for ``name`` may reach WeChat now (the one place that says so)."""
         state = self.states[name]
-        now = time.time()
+        now = time.monotonic()
         block = state.blocked(now)
         if block is not None:
             if not want.retry_blocked:
@@ -220,12 +233,14 @@ class Refresher:
         min_interval: bool = True,
         retry_blocked: bool = False,
         ignore_backoff: bool = False,
+        permit: Callable[[], Awaitable[None]] | None = None,
     ) -> Entry:
         """A valid value of ``name``, fetched now if needed (see :class:`Want` for the arguments).
 
-        Raises UpstreamError or Unavailable (Blocked, BackingOff, DependencyUnavailable).
+        Raises UpstreamError, Unavailable (Blocked, BackingOff, DependencyUnavailable), or
+        whatever ``permit`` raised to refuse this caller's own upstream call.
         """
-        want = Want(force, old, min_interval, retry_blocked, ignore_backoff)
+        want = Want(force, old, min_interval, retry_blocked, ignore_backoff, permit)
         state = self.states[name]
         while state.flight is not None and not state.flight.done():
             # Join the flight under way.  A value newer than the one known when joining
@@ -239,6 +254,8 @@ class Refresher:
                 if want.retry_blocked or want.ignore_backoff:
                     continue  # the gate said no to that flight, not to this caller
                 raise
+            except NotPermitted:
+                continue  # that flight's caller was refused its call, not this one
             if entry.version > seen or not self._needed(entry, want):
                 return entry
         flight = asyncio.ensure_future(self._fly(name, want))
@@ -260,7 +277,7 @@ class Refresher:
         started = time.monotonic()
         try:
             entry = await self._refresh_locked(name, want)
-        except Blocked:
+        except (Blocked, NotPermitted):
             raise
         except BackingOff as e:
             if state.retry_handle is None:
@@ -290,12 +307,26 @@ class Refresher:
         """Refresh the sources templating ``name`` that wait for it (no value, or due)."""
         if self._stopping:
             return
-        now = time.time()
+        now = time.monotonic()
         for other, source in self.sources.items():
             state = self.states[other]
             if name in source.deps and state.flight is None and self._needed(state.entry, Want()):
                 if state.blocked(now) is None and now >= state.retry_at:
                     self._spawn(self._attempt(other))
+
+    def _timeout(self, snap: Snapshot | None) -> float:
+        """Seconds to wait for an answer: ``refresh.timeout``, doubled for each answer lost in a
+        row (up to 2**MAX_TIMEOUT_GROWTH times): a WeChat slower than the timeout issues a
+        token on every call we give up on, so the retry must wait longer than the call it
+        lost."""
+        lost = min(snap.lost, MAX_TIMEOUT_GROWTH) if snap is not None else 0
+        return self.cfg.timeout * 2**lost
+
+    @staticmethod
+    def _lease(timeout: float) -> float:
+        """Seconds the lock is taken for: it outlives the calls made under it (it is renewed
+        before a second call)."""
+        return 2 * timeout + 5
 
     async def _refresh_locked(self, name: str, want: Want) -> Entry:
         state = self.states[name]
@@ -312,13 +343,16 @@ class Refresher:
         self._gate(name, want, snap)
         # Dependencies first, so this source's lock is never held while waiting for them.
         values = await self._dependency_values(name)
-        deadline = time.monotonic() + self.lock_lease + self.cfg.timeout
+        timeout = self._timeout(snap)
+        lease_seconds = self._lease(timeout)
+        deadline = time.monotonic() + lease_seconds + timeout
         while True:
+            known = state.entry.version if state.entry is not None else 0
             try:
-                token = await self.store.acquire(name, self.lock_lease)
+                lease = await self.store.acquire(name, lease_seconds, known)
             except RedisError:
                 return await self._refresh_without_redis(name, want, values)
-            if token is not None:
+            if lease is not None:
                 break
             seen = await self._wait_for_other(name, snap.version, deadline)
             if seen is None:
@@ -331,40 +365,82 @@ class Refresher:
             if fresh := self._fresh(name, want):
                 return fresh
             snap = seen  # the next wait looks for a change from here
+        calling = False
         try:
             snap = await self.mirror.read_now(name)  # under the lock: did someone refresh meanwhile?
             if fresh := self._fresh(name, want):
                 return fresh
             self._gate(name, want, snap)
-            return await self._fetch_and_store(name, want.force, values, snap.version, token)
+            if snap.lost >= 2 and snap.entry is not None:
+                await self._verify(name, snap.entry)
+            if want.permit is not None:
+                await want.permit()
+            calling = True
+            return await self._fetch_and_store(name, want.force, values, lease, self._timeout(snap))
         except UpstreamError as e:
             if e.kind is ErrorKind.QUOTA and want.force and self.sources[name].cfg.force:
                 # stable_token: 45009 to force_refresh means the 20 forced calls of the day
                 # are spent, not the source: ordinary refreshes go on.
-                state.force_spent_until = next_quota_reset(time.time())
+                state.force_spent_until = time.monotonic() + await self._until_quota_reset()
                 logger.error("source %s: forced refreshes used up for today (errcode 45009: %s); ordinary refreshes go on", name, e.errmsg)
                 raise Blocked(f"source {name}: today's forced refreshes are used up (45009)") from None
+            lost = e.maybe_issued and self._rotates(name, want)
             # Announce before releasing the lock, so no other instance slips a call in.
-            await self._announce(name, e, snap)
-            rotates = want.force or not self.sources[name].cfg.force  # classic: every call issues one
-            if rotates and e.maybe_issued and state.entry is not None:
-                # The answer was lost, not the call: WeChat may have issued a token we never
-                # saw, leaving the stored one 5 minutes.  Let it be refreshed in time.
-                await self._cap(name, state.entry.value)
+            await self._announce(name, e, snap, lost)
+            if lost:
+                await self._answer_lost(name)
+            raise
+        except asyncio.CancelledError:
+            # Cancelled (a shutdown gave up waiting) while the call was in the air: the
+            # answer is lost as surely as after a timeout.
+            if calling and self._rotates(name, want):
+                await asyncio.shield(self._answer_lost(name))
             raise
         finally:
             try:
-                await asyncio.shield(self.store.release(name, token))
+                await asyncio.shield(self.store.release(name, lease.token))
             except RedisError:
                 pass  # the lease expires by itself
 
-    async def _cap(self, name: str, value: str) -> None:
-        """Shorten ``value``'s life to WeChat's overlap for a "previous" token, in Redis and memory."""
+    def _rotates(self, name: str, want: Want) -> bool:
+        """Whether a call for ``name`` issues a new value, retiring all but the one before
+        it: the classic endpoint always, stable_token only when forced."""
+        return want.force or not self.sources[name].cfg.force
+
+    async def _answer_lost(self, name: str) -> None:
+        """WeChat may have issued a value we never saw, leaving the stored one 5 minutes
+        (its "previous" token): shorten its life, in Redis and memory, so it is refreshed in time."""
+        entry = self.states[name].entry
+        if entry is None:
+            return
         try:
-            if await self.store.cap_life(name, value, PREVIOUS_TOKEN_LIFE):
+            if await self.store.cap_life(name, entry.value, PREVIOUS_TOKEN_LIFE):
                 await self.mirror.read_now(name)
+                logger.warning("source %s: an answer was lost; the stored value may be WeChat's previous one: its life is cut to %.0fs", name, PREVIOUS_TOKEN_LIFE)
         except RedisError:
-            pass
+            if entry.remaining() > PREVIOUS_TOKEN_LIFE:
+                self.states[name].entry = dataclasses.replace(entry, expires_at=time.monotonic() + PREVIOUS_TOKEN_LIFE)
+
+    async def _verify(self, name: str, entry: Entry) -> None:
+        """After two lost answers in a row WeChat has probably issued two values we never saw,
+        which kills the stored one.  Ask WeChat (``getcallbackip``: no quota) and drop the
+        stored value when it is rejected: a 503 is better than a dead token."""
+        request = self.sources[name].check_request(entry.value)
+        if request is None:
+            return
+        alive = await self.upstream.check(request, self.cfg.timeout)
+        if alive is False:
+            logger.error("source %s: WeChat rejects the stored value after lost answers; dropping it until a new one arrives", name)
+            await self.store.drop(name, entry.value)
+            await self.mirror.read_now(name)
+
+    async def _until_quota_reset(self) -> float:
+        """Seconds until midnight China time, on Redis's clock (the host's if Redis is unreachable)."""
+        try:
+            now = await self.store.time()
+        except RedisError:
+            now = time.time()
+        return until_quota_reset(now)
 
     async def _refresh_without_redis(self, name: str, want: Want, values: dict[str, str] | None = None) -> Entry:
         """Redis is unreachable: no lock, no fencing.  Refresh in memory only a value about
@@ -378,21 +454,22 @@ class Refresher:
         self._gate(name, want, None)
         if values is None:
             values = await self._dependency_values(name)
-        return await self._fetch_and_store(name, want.force, values, None, None)
+        if want.permit is not None:
+            await want.permit()
+        return await self._fetch_and_store(name, want.force, values, None, self.cfg.timeout)
 
-    async def _announce(self, name: str, err: UpstreamError, snap: Snapshot) -> None:
+    async def _announce(self, name: str, err: UpstreamError, snap: Snapshot, lost: bool) -> None:
         """Tell the other instances: back off (transient), or make no call (fatal, quota)."""
         state = self.states[name]
         try:
             if err.kind is ErrorKind.TRANSIENT:
                 failures = max(state.failures, snap.failures) + 1
                 state.failures = failures - 1  # _failed adds ours: the count is the cluster's
-                await self.store.set_backoff(name, self._backoff_floor(failures, err), failures)
+                await self.store.set_backoff(name, self._backoff_floor(failures, err), failures, lost)
             elif err.kind is ErrorKind.FATAL:
                 await self.store.set_blocked(name, Block("fatal", err.errcode or 0, err.errmsg), None)
             elif err.kind is ErrorKind.QUOTA:
-                now = time.time()
-                await self.store.set_blocked(name, Block("quota", err.errcode or 0, err.errmsg), next_quota_reset(now) - now)
+                await self.store.set_blocked(name, Block("quota", err.errcode or 0, err.errmsg), await self._until_quota_reset())
         except RedisError:
             pass
 
@@ -412,53 +489,50 @@ class Refresher:
             return snap
         return None
 
-    async def _fetch_and_store(
-        self, name: str, force: bool, values: dict[str, str], read_version: int | None, token: str | None
-    ) -> Entry:
-        """Call upstream and store the value, fenced by ``read_version`` (None: Redis is
-        unreachable, keep it in memory).  ``token`` is the lock held, renewed before a retry."""
-        fetched_at = time.time()
-        fetched = await self._call_upstream(name, force, values, token)
+    async def _fetch_and_store(self, name: str, force: bool, values: dict[str, str], lease: Lease | None, timeout: float) -> Entry:
+        """Call upstream and store the value with the lease's version (None: Redis is
+        unreachable, keep it in memory).  The lease is renewed before a second call."""
+        started = time.monotonic()
+        fetched = await self._call_upstream(name, force, values, lease.token if lease else None, timeout)
         life = min(fetched.expires_in, self.cfg.max_ttl)
         state = self.states[name]
         self._succeeded(name)
         current = state.entry
         if not force and current is not None and fetched.value == current.value and current.remaining() > 0:
-            return await self._confirmed(name, current, fetched_at + life)
-        # Not stored yet: one version above the one it is based on, so that it counts as
-        # newer than what Redis held (Mirror puts it back when Redis returns).
-        base = read_version if read_version is not None else current.version if current else 0
-        memory = Entry(fetched.value, fetched_at + life, fetched_at, base + 1, fetched.field)
-        stored: Entry | None = None
-        if read_version is not None:
+            return await self._confirmed(name, current, started + life)
+        if lease is not None:
+            version = lease.version
+        else:
+            # No shared clock: this host's, kept above every version this process knows.
+            version = max(int(time.time() * 1e6), (current.version if current else 0) + 1)
+        entry = Entry(fetched.value, started + life, started, version, fetched.field)
+        if lease is not None:
             try:
-                stored = await self.store.write(name, fetched.value, life, fetched_at, fetched.field, read_version)
-                if stored is None:
-                    return await self._fenced_out(name, fetched, memory)
+                if not await self.store.write(name, entry):
+                    return await self._fenced_out(name, fetched)
             except RedisError:
-                pass
-        if stored is None:
-            state.entry = memory
+                lease = None
+        state.entry = entry
+        if lease is None:
             logger.warning("source %s: new value %s... kept in memory only (redis unreachable)", name, fetched.value[:6])
-            return memory
-        state.entry = stored
-        logger.info("source %s: new value %s... stored, life %.0fs", name, stored.value[:6], life)
-        return stored
+        else:
+            logger.info("source %s: new value %s... stored, life %.0fs", name, fetched.value[:6], life)
+        return entry
 
     async def _confirmed(self, name: str, current: Entry, expires_at: float) -> Entry:
         """Upstream answered with the value we hold: stable_token in normal mode does until
         WeChat renews it (about 300 s before expiry).  Asking every tick until then would
         only burn calls, so no instance asks again for half of its remaining life.  Nothing
         is rewritten: it is no new value (no new version, force_min_interval not re-armed)."""
-        now = time.time()
-        until = now + max(self.cfg.interval, (min(expires_at, current.expires_at) - now) / 2)
-        entry = dataclasses.replace(current, same_until=until)
+        now = time.monotonic()
+        wait = max(self.cfg.interval, (min(expires_at, current.expires_at) - now) / 2)
+        entry = dataclasses.replace(current, same_until=now + wait)
         self.states[name].entry = entry
         try:
-            await self.store.mark_same(name, current.value, until)
+            await self.store.mark_same(name, current.value, wait)
         except RedisError:
             pass
-        logger.info("source %s: upstream returned the same value (%.0fs left); next try in %.0fs", name, current.remaining(), until - now)
+        logger.info("source %s: upstream returned the same value (%.0fs left); next try in %.0fs", name, current.remaining(), wait)
         return entry
 
     def _succeeded(self, name: str) -> None:
@@ -469,20 +543,21 @@ class Refresher:
         state.healthy()
         state.block, state.stale_recovery_failed = None, False
 
-    async def _fenced_out(self, name: str, fetched: Fetched, memory: Entry) -> Entry:
-        """Another process stored a value while our (slow) fetch ran: keep theirs."""
+    async def _fenced_out(self, name: str, fetched: Fetched) -> Entry:
+        """A value fetched after ours (a higher version: our lock expired while our slow
+        call ran) is stored: keep it, discard ours."""
         snap = await self.mirror.read_now(name)
-        if snap.entry is None:
-            self.states[name].entry = memory
-            return memory
-        if snap.entry.value != fetched.value:
-            # Our fetch may have been issued after theirs, making theirs WeChat's
-            # "previous" token, valid 5 more minutes only.  Let it be refreshed soon.
+        if snap.entry is not None and snap.entry.value != fetched.value:
+            # WeChat may have issued ours after theirs (requests cross on the way), making
+            # theirs the "previous" token, valid 5 more minutes only.  Let it be refreshed soon.
             await self.store.cap_life(name, snap.entry.value, PREVIOUS_TOKEN_LIFE)
-        logger.warning("source %s: a value was stored while our fetch ran; keeping it, discarding ours", name)
+            snap = await self.mirror.read_now(name)
+        logger.warning("source %s: a value fetched after ours was stored while our fetch ran; keeping it, discarding ours", name)
+        if snap.entry is None:
+            raise Unavailable(f"source {name}: a newer value was stored while our fetch ran, and has gone since")
         return snap.entry
 
-    async def _call_upstream(self, name: str, force: bool, values: dict[str, str], token: str | None) -> Fetched:
+    async def _call_upstream(self, name: str, force: bool, values: dict[str, str], token: str | None, timeout: float) -> Fetched:
         """One upstream call; on a stale dependency (40001...), refresh it once and retry once.
 
         If that recovery already failed and this source has not succeeded since, a stale
@@ -492,7 +567,7 @@ class Refresher:
         source = self.sources[name]
         state = self.states[name]
         try:
-            return await self._upstream_fetch(source, values, force)
+            return await self._upstream_fetch(source, values, force, timeout)
         except UpstreamError as e:
             if e.kind is not ErrorKind.STALE_TOKEN:
                 raise
@@ -503,40 +578,40 @@ class Refresher:
         # Refresh each dependency only if the value we used is still current: when someone
         # else already rotated it, we simply take the new one.  Its gate applies (a blocked
         # or backing-off token is not fetched for us), and its failure is its own.
-        await self._keep_lock(name, token)
+        await self._keep_lock(name, token, self._lease(timeout))
         for dep in source.deps:
             try:
                 values[dep] = (await self.refresh(dep, force=True, old=values[dep], min_interval=False)).value
             except (UpstreamError, Unavailable) as err:
                 state.stale_recovery_failed = True  # not again on every tick while the token fails
                 raise DependencyUnavailable(f"{dep} could not be refreshed ({err})") from None
-        await self._keep_lock(name, token)
+        await self._keep_lock(name, token, self._lease(timeout))
         try:
-            return await self._upstream_fetch(source, values, force)
+            return await self._upstream_fetch(source, values, force, timeout)
         except UpstreamError as e:
             if e.kind is ErrorKind.STALE_TOKEN:
                 state.stale_recovery_failed = True
                 e.kind = ErrorKind.TRANSIENT  # from now on, backed off like any failure
             raise
 
-    async def _keep_lock(self, name: str, token: str | None) -> None:
-        """Renew the lease before more calls under the lock; give up if it was lost."""
+    async def _keep_lock(self, name: str, token: str | None, lease: float) -> None:
+        """Renew the lease (``lease`` seconds) before more calls under the lock; give up if it was lost."""
         if token is None:
             return
         try:
-            held = await self.store.extend(name, token, self.lock_lease)
+            held = await self.store.extend(name, token, lease)
         except RedisError:
             return  # cannot tell; fencing still guards the write
         if not held:
             raise Unavailable(f"source {name}: lost the refresh lock; another instance takes over")
 
-    async def _upstream_fetch(self, source: Source, values: dict[str, str], force: bool) -> Fetched:
-        """One counted, timed upstream call."""
+    async def _upstream_fetch(self, source: Source, values: dict[str, str], force: bool, timeout: float) -> Fetched:
+        """One counted, timed upstream call that waits ``timeout`` seconds for its answer."""
         self.states[source.name].upstream_calls += 1
         started = time.monotonic()
         result = "ok"
         try:
-            return await self.upstream.fetch(source, source.build_request(values, force))
+            return await self.upstream.fetch(source, source.build_request(values, force), timeout)
         except UpstreamError as e:
             result = e.kind.value
             raise
@@ -560,18 +635,22 @@ class Refresher:
 
     # --- failures ------------------------------------------------------------------------
 
-    def _block(self, name: str, block: Block, how: str) -> None:
+    def _announced_block(self, name: str, block: Block, seconds: float) -> None:
+        self._block(name, block, "announced by another instance", seconds)
+
+    def _block(self, name: str, block: Block, how: str, seconds: float = math.inf) -> None:
+        """No calls for ``name`` during ``seconds`` (a quota block ends at midnight China
+        time) or until retried (a fatal block)."""
         state = self.states[name]
-        now = time.time()
         state.block = block
-        state.block_until = next_quota_reset(now) if block.kind == "quota" else math.inf
+        state.block_until = time.monotonic() + seconds
         if state.retry_handle is not None:
             IOLoop.current().remove_timeout(state.retry_handle)
             state.retry_handle = None
         if block.kind == "quota":
             logger.error(
-                "source %s: daily quota reached (errcode %s: %s, %s); no calls until %s (or an operator's forced refresh)",
-                name, block.errcode, block.errmsg, how, datetime.datetime.fromtimestamp(state.block_until, CHINA).isoformat(),
+                "source %s: daily quota reached (errcode %s: %s, %s); no calls for %.0fs, until midnight China time (or an operator's forced refresh)",
+                name, block.errcode, block.errmsg, how, seconds,
             )
         else:
             m = UpstreamError(ErrorKind.FATAL, "", block.errcode, block.errmsg).ip
@@ -586,12 +665,16 @@ class Refresher:
         state.failures += 1
         state.last_error = str(err)
         if isinstance(err, UpstreamError) and err.kind in (ErrorKind.FATAL, ErrorKind.QUOTA):
-            kind = "quota" if err.kind is ErrorKind.QUOTA else "fatal"
-            self._block(name, Block(kind, err.errcode or 0, err.errmsg), f"after {elapsed:.2f}s")
+            if err.kind is ErrorKind.QUOTA:
+                # Until midnight China time: a calendar moment, so the wall clock (Redis's
+                # TTL on NAME:blocked, which every instance follows, is set from Redis's).
+                self._block(name, Block("quota", err.errcode or 0, err.errmsg), f"after {elapsed:.2f}s", until_quota_reset(time.time()))
+            else:
+                self._block(name, Block("fatal", err.errcode or 0, err.errmsg), f"after {elapsed:.2f}s")
             return
         floor = self._backoff_floor(state.failures, err)
         delay = random.uniform(floor, 2 * floor)
-        state.retry_at = time.time() + delay
+        state.retry_at = time.monotonic() + delay
         entry = state.entry
         serving = f"serving the old value ({entry.remaining():.0f}s left)" if entry and entry.remaining() > 0 else "no valid value"
         logger.warning(
@@ -617,13 +700,13 @@ class Refresher:
     def status(self) -> dict[str, dict[str, Any]]:
         """Per source: state, seconds left, failures, last error (no values): for /status."""
         out = {}
-        now = time.time()
+        now = time.monotonic()
         for name, s in self.states.items():
             block = s.blocked(now)
             st = ("quota" if block.kind == "quota" else "blocked") if block else "backoff" if s.failures else "ok"
             out[name] = {
                 "state": st,
-                "expires_in": int(s.entry.remaining(now)) if s.entry and s.entry.remaining(now) > 0 else 0,
+                "expires_in": int(s.entry.remaining()) if s.entry and s.entry.remaining() > 0 else 0,
                 "failures": s.failures,
                 "last_error": s.last_error,
                 "upstream_calls": s.upstream_calls,

@@ -19,6 +19,10 @@ from server.config import TEMPLATE_RE, SourceConfig, template_names
 
 #: WeChat says: reserve 512 bytes for a token.  Anything far longer is not a token.
 MAX_VALUE_LENGTH = 2048
+#: Token endpoints (official accounts, mini programs, WeCom) whose host also serves
+#: ``getcallbackip``, the quota-free call that tells whether a token is alive.
+TOKEN_PATHS = ("/cgi-bin/token", "/cgi-bin/stable_token", "/cgi-bin/gettoken")
+CHECK_PATH = "/cgi-bin/getcallbackip"
 
 
 class ParseError(Exception):
@@ -99,6 +103,16 @@ class Source:
         elif cfg.method == "POST":
             data = b"{}"
         return UpstreamRequest(cfg.method, url, data, self.safe_url)
+
+    def check_request(self, value: str) -> UpstreamRequest | None:
+        """The ``getcallbackip`` request that tells whether ``value`` (a token of this
+        source) is alive; None for a source that is no token endpoint (a ticket)."""
+        parts = urllib.parse.urlsplit(self.cfg.url)
+        if not parts.path.endswith(TOKEN_PATHS):
+            return None
+        base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rsplit("/cgi-bin/", 1)[0] + CHECK_PATH, "", ""))
+        safe = urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", CHECK_PATH, "", ""))
+        return UpstreamRequest("GET", base + "?" + urllib.parse.urlencode({"access_token": value}), None, safe)
 
     def parse(self, payload: Any) -> Fetched:
         """The value and its announced life from a decoded JSON answer with errcode 0.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from server.store import Block, Entry
@@ -13,10 +14,11 @@ CHINA = datetime.timezone(datetime.timedelta(hours=8))
 BACKOFF_BASE = 1.0  # seconds before the first retry (before jitter)
 
 
-def next_quota_reset(now: float) -> float:
-    """Unix time of the next midnight in China (UTC+8), when WeChat's daily quotas reset."""
+def until_quota_reset(now: float) -> float:
+    """Seconds from unix time ``now`` (Redis's clock) to the next midnight in China (UTC+8),
+    when WeChat's daily quotas reset."""
     day = datetime.datetime.fromtimestamp(now, CHINA).date() + datetime.timedelta(days=1)
-    return datetime.datetime.combine(day, datetime.time(0), CHINA).timestamp()
+    return datetime.datetime.combine(day, datetime.time(0), CHINA).timestamp() - now
 
 
 class Unavailable(Exception):
@@ -35,6 +37,15 @@ class BackingOff(Unavailable):
         self.delay = delay
 
 
+class NotPermitted(Exception):
+    """A caller's ``permit`` refused the upstream call it would have started (a rate
+    limit): raised by the permit, passed through untouched; ``retry_after`` in seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class DependencyUnavailable(Unavailable):
     """A source this one templates in (``<<name>>``) has no valid value and may not be fetched now."""
 
@@ -44,10 +55,13 @@ class Want:
     """What a caller of :meth:`Refresher.refresh` asks for.
 
     ``force``: a new value even if the current one is fresh.  ``old``: the value the
-    caller holds; when it is no longer current nothing is fetched.  ``min_interval``: a
-    forced refresh within ``refresh.force_min_interval`` of the last fetch returns that
-    fetch.  ``retry_blocked``: try a blocked or out-of-quota source again (an operator, a
-    restart).  ``ignore_backoff``: call even while backing off (an operator).
+    caller holds (and WeChat rejected); when it is still the current one, it is replaced
+    whatever its age; when it is no longer current nothing is fetched.  ``min_interval``:
+    a forced refresh without ``old`` within ``refresh.force_min_interval`` of the last
+    fetch returns that fetch.  ``retry_blocked``: try a blocked or out-of-quota source
+    again (an operator, a restart).  ``ignore_backoff``: call even while backing off (an
+    operator).  ``permit``: awaited just before this caller's own upstream call (never
+    for a request answered without one); it raises to refuse the call (a rate limit).
     """
 
     force: bool = False
@@ -55,11 +69,12 @@ class Want:
     min_interval: bool = True
     retry_blocked: bool = False
     ignore_backoff: bool = False
+    permit: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass
 class SourceState:
-    """What this process knows about one source.  Times are unix seconds."""
+    """What this process knows about one source.  Times are ``time.monotonic()`` seconds."""
 
     entry: Entry | None = None
     failures: int = 0

@@ -7,10 +7,12 @@ Layout for a source ``NAME`` under the configured ``prefix`` (source names canno
     The bare value (``redis-cli GET access_token``) with a TTL equal to its remaining
     life, so a direct reader never sees an expired value.
 ``<prefix>NAME:meta``
-    A hash: ``version`` (integer, +1 per write), ``fetched_at`` and ``expires_at`` (unix
-    seconds), ``field`` (``access_token`` or ``ticket``: the name our API answers with),
-    ``same_until`` (upstream confirmed this value: no ordinary refresh before then).
-    No TTL: the version must outlive the value so fencing still works after expiry.
+    A hash: ``version`` (the value's place in the order of values, see below),
+    ``fetched_at`` and ``expires_at`` (seconds on Redis's clock), ``field``
+    (``access_token`` or ``ticket``: the name our API answers with), ``same_until``
+    (upstream confirmed this value: no ordinary refresh before then, Redis's clock) and
+    ``claimed`` (the highest version handed to a fetch).  No TTL: the version must
+    outlive the value so fencing still works after expiry.
 ``<prefix>NAME:lock``
     ``SET NX PX`` lock a process holds while it fetches NAME; its value is a random
     token so only the holder deletes it.
@@ -18,15 +20,31 @@ Layout for a source ``NAME`` under the configured ``prefix`` (source names canno
     JSON ``{"kind": "fatal"|"quota", "errcode", "errmsg"}`` while no instance may call
     upstream for NAME (a fatal error until a value is stored, 45009 until midnight China
     time); an operator's forced refresh or a restart tries again.
-``<prefix>NAME:backoff`` and ``<prefix>NAME:failures``
-    Present (with a TTL) while no instance should retry NAME after a failed fetch, and
-    the count of consecutive failures (deleted by the next write): several instances back
-    off together, the delay growing with the failures of all of them.
+``<prefix>NAME:backoff``, ``<prefix>NAME:failures`` and ``<prefix>NAME:lost``
+    Present (with a TTL) while no instance should retry NAME after a failed fetch, the
+    count of consecutive failures, and of consecutive lost answers (a call that got no
+    answer may have issued a token nobody received); the counts are deleted by the next
+    stored value.  Several instances back off together, the delay growing with the
+    failures of all of them, and wait longer for an answer after answers were lost.
 
-Fencing: a fetch reads ``version`` after it takes the lock, and its write succeeds only
-if ``version`` is still the same (one Lua script).  A slow fetch whose lock expired and
-whose source was refreshed meanwhile by another process can therefore never overwrite
-the newer value.
+**The order of values survives the loss of Redis's data.**  A version is a hybrid clock
+in microseconds: when a process takes the lock to fetch, it gets
+``max(Redis TIME, stored version + 1, claimed + 1, the highest version it knows + 1)``.
+Within one Redis dataset versions only grow; after Redis restarts empty, rolls back to an
+old dump or fails over to a lagging replica, a new fetch still gets a version above every
+value fetched before it (by Redis's clock, and above whatever the fetching instance
+holds), so the value WeChat issued last always has the highest version.  What it cannot
+order: two values fetched while Redis was unreachable (each carries its host's clock), or
+a failover to a host whose clock is behind by more than the time between two fetches.
+
+Fencing: a write succeeds only if its version is above the stored one (one Lua script),
+so a slow fetch whose lock expired never overwrites a value fetched after it, while a
+fetch that was in the air when Redis lost or rolled back its data still lands.
+
+Clocks: moments other hosts compare (``fetched_at``, ``expires_at``, ``same_until``) are
+on Redis's clock (``TIME``, read inside the scripts); this module turns them into this
+process's ``time.monotonic()`` on read, and takes durations (never wall-clock moments)
+on write.
 """
 
 from __future__ import annotations
@@ -51,78 +69,92 @@ logger = logging.getLogger(__name__)
 #: so this bounds concurrent commands across sources, locks and scripts.
 MAX_CONNECTIONS = 50
 
-# KEYS[1] value key, KEYS[2] meta key, KEYS[3] backoff key, KEYS[4] failures key,
-# KEYS[5] blocked key
-# ARGV[1] value, ARGV[2] TTL in ms, ARGV[3] version the writer read, ARGV[4] fetched_at,
-# ARGV[5] expires_at, ARGV[6] field
-# Returns the new version, or -(current version) when the writer was fenced out.
-# A stored value ends any backoff or block the instances were following.
-_WRITE_LUA = """
-local current = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
-if current ~= tonumber(ARGV[3]) then
-  return -current
-end
-redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[2], 'version', current + 1, 'fetched_at', ARGV[4],
-           'expires_at', ARGV[5], 'field', ARGV[6], 'same_until', 0)
-return current + 1
+# Lua numbers are doubles: microseconds since 1970 (about 1.8e15) are exact below 2^53, but
+# Redis turns a Lua number into a string with "%.17g", so every version written or
+# returned goes through string.format('%.0f') (and comes back to Python as a string).
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# Put back a value held in memory that Redis lacks or holds an older version of (Redis
-# restarted empty, came back with old data, or failed over to a lagging replica).
-# KEYS[1] value key, KEYS[2] meta key, KEYS[3] backoff, KEYS[4] failures, KEYS[5] blocked
-# ARGV[1] value, ARGV[2] TTL in ms, ARGV[3] the value's version, ARGV[4] fetched_at,
-# ARGV[5] expires_at, ARGV[6] field
-# Newer means a higher version, or the same version and a later fetched_at (a value fetched
-# while Redis was unreachable carries the version it was based on + 1); the very same
-# version is put back when only its value key is gone (evicted, or deleted by hand).  The new version
-# is above every version Redis held, so a fenced writer that read an older one fails.
-# Returns the new version, or 0 when Redis's is as new or newer.
-_RESTORE_LUA = """
-local v = tonumber(redis.call('HGET', KEYS[2], 'version') or '0') or 0
-local f = tonumber(redis.call('HGET', KEYS[2], 'fetched_at') or '0') or 0
-local ev, ef = tonumber(ARGV[3]), tonumber(ARGV[4])
-local same = (v == ev and f == ef)
-if v > ev or (v == ev and f > ef) or (same and redis.call('EXISTS', KEYS[1]) == 1) then
+# KEYS[1] lock key, KEYS[2] meta key
+# ARGV[1] the holder's random token, ARGV[2] lease in ms, ARGV[3] highest version the caller knows
+# Takes the lock and hands out the version of the value this fetch will store (see the
+# module docstring); returns it as a string, or false when the lock is taken.
+_ACQUIRE_LUA = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return false
+end
+local t = redis.call('TIME')
+local v = tonumber(t[1]) * 1000000 + tonumber(t[2])
+v = math.max(v, (tonumber(redis.call('HGET', KEYS[2], 'version') or '0') or 0) + 1)
+v = math.max(v, (tonumber(redis.call('HGET', KEYS[2], 'claimed') or '0') or 0) + 1)
+v = math.max(v, (tonumber(ARGV[3]) or 0) + 1)
+local s = string.format('%.0f', v)
+redis.call('HSET', KEYS[2], 'claimed', s)
+return s
+"""
+
+# KEYS[1] value, KEYS[2] meta, KEYS[3] backoff, KEYS[4] failures, KEYS[5] blocked, KEYS[6] lost
+# ARGV[1] value, ARGV[2] TTL in ms, ARGV[3] its version, ARGV[4] seconds since it was fetched,
+# ARGV[5] field, ARGV[6] 1 = put back (the same version may return when its key alone is gone)
+# Stores the value if its version is above the stored one (fencing).  A stored newer value
+# ends any backoff or block the instances were following.  Returns 1, or 0 when fenced out.
+_WRITE_LUA = _NOW + """
+local current = tonumber(redis.call('HGET', KEYS[2], 'version') or '0') or 0
+local v = tonumber(ARGV[3])
+if v < current or (v == current and (ARGV[6] ~= '1' or redis.call('EXISTS', KEYS[1]) == 1)) then
   return 0
 end
--- the same value whose key alone was lost (evicted, deleted) keeps its version
-local nv = same and v or math.max(v + 1, ev)
+local fetched = now - tonumber(ARGV[4])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[2], 'version', nv, 'fetched_at', ARGV[4],
-           'expires_at', ARGV[5], 'field', ARGV[6], 'same_until', 0)
-if nv > v then
-  -- a newer value ends any backoff or block, as a write does
-  redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
+redis.call('HSET', KEYS[2], 'version', ARGV[3], 'fetched_at', string.format('%.6f', fetched),
+           'expires_at', string.format('%.6f', now + tonumber(ARGV[2]) / 1000), 'field', ARGV[5], 'same_until', 0)
+if v > current then
+  redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 end
-return nv
+return 1
 """
 
 # Upstream answered with the value already stored (stable_token in normal mode): note
 # until when no ordinary refresh should ask again, without a new version.  An answer is a
 # success: it ends the backoff the instances follow.
-# KEYS[1] value key, KEYS[2] meta key, KEYS[3] backoff key, KEYS[4] failures key
-# ARGV[1] value, ARGV[2] same_until (unix seconds)
-_SAME_LUA = """
-redis.call('DEL', KEYS[3], KEYS[4])
+# KEYS[1] value key, KEYS[2] meta key, KEYS[3] backoff key, KEYS[4] failures key, KEYS[5] lost key
+# ARGV[1] value, ARGV[2] seconds from now
+_SAME_LUA = _NOW + """
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('HSET', KEYS[2], 'same_until', ARGV[2])
+  redis.call('HSET', KEYS[2], 'same_until', string.format('%.6f', now + tonumber(ARGV[2])))
   return 1
 end
 return 0
 """
 
 # Shorten a value's life, if it is still the stored one and lives longer than that.
-# KEYS[1] value key, KEYS[2] meta key; ARGV[1] value, ARGV[2] life in ms, ARGV[3] expires_at
-_CAP_LUA = """
+# KEYS[1] value key, KEYS[2] meta key; ARGV[1] value, ARGV[2] life in ms
+_CAP_LUA = _NOW + """
 if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('PTTL', KEYS[1]) > tonumber(ARGV[2]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   -- same_until no longer holds: the shortened value must be refreshed in time
-  redis.call('HSET', KEYS[2], 'expires_at', ARGV[3], 'same_until', 0)
+  redis.call('HSET', KEYS[2], 'expires_at', string.format('%.6f', now + tonumber(ARGV[2]) / 1000), 'same_until', 0)
   return 1
 end
 return 0
+"""
+
+# KEYS[1] value key, KEYS[2] meta key; ARGV[1] value.  Deletes the value if it is still
+# the stored one (WeChat rejected it) and raises the version above it, so no instance puts
+# its copy back and every instance stops serving it.
+_DROP_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+local v = math.max(tonumber(redis.call('HGET', KEYS[2], 'version') or '0') or 0,
+                   tonumber(redis.call('HGET', KEYS[2], 'claimed') or '0') or 0) + 1
+local s = string.format('%.0f', v)
+redis.call('HSET', KEYS[2], 'version', s, 'claimed', s)
+return 1
 """
 
 # KEYS[1] lock key; ARGV[1] the holder's token, ARGV[2] lease in ms.  Renews the lease only
@@ -145,19 +177,27 @@ return 0
 
 @dataclass(frozen=True)
 class Entry:
-    """A credential value and what we know about it.  Times are unix seconds."""
+    """A credential value and what we know about it.
+
+    ``expires_at``, ``fetched_at`` and ``same_until`` are this process's
+    ``time.monotonic()`` seconds (converted from Redis's clock on read); ``version`` is the
+    value's place in the order of values (see the module docstring).
+    """
 
     value: str
     expires_at: float
     fetched_at: float
     version: int
     field: str
-    same_until: float = 0.0  # upstream confirmed this value: no ordinary refresh before this
+    same_until: float = 0.0  # upstream confirmed this value: no ordinary refresh before this (0: none)
 
-
-    def remaining(self, now: float | None = None) -> float:
+    def remaining(self) -> float:
         """Seconds of life left (negative once expired)."""
-        return self.expires_at - (time.time() if now is None else now)
+        return self.expires_at - time.monotonic()
+
+    def age(self) -> float:
+        """Seconds since the value was fetched."""
+        return time.monotonic() - self.fetched_at
 
     def __repr__(self) -> str:
         return f"Entry({self.value[:6]}..., v{self.version}, {self.remaining():.0f}s left)"
@@ -170,6 +210,14 @@ class Block:
     kind: str
     errcode: int
     errmsg: str
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The refresh lock: ``token`` releases it; ``version`` is the one the fetch stores its value with."""
+
+    token: str
+    version: int
 
 
 def _number(raw: str | None) -> float:
@@ -191,14 +239,16 @@ def _blocked(raw: str | None) -> Block | None:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What Redis holds for a source: the live entry (None when absent), the version, and
-    the seconds left of a backoff another instance announced (0: none)."""
+    """What Redis holds for a source: the live entry (None when absent), the version, the
+    seconds left of a backoff another instance announced (0: none) and what it follows."""
 
     entry: Entry | None
     version: int
     backoff: float = 0.0
     failures: int = 0  # consecutive failures the announced backoff follows
     blocked: Block | None = None  # set by the instance that got a fatal error or 45009
+    blocked_for: float = float("inf")  # seconds until the block ends by itself
+    lost: int = 0  # consecutive calls whose answer was lost
 
 
 def build_redis(cfg: RedisConfig, url: str | None = None) -> aioredis.Redis:
@@ -244,10 +294,11 @@ class Store:
     def __init__(self, redis: aioredis.Redis, prefix: str = "") -> None:
         self.redis = redis
         self.prefix = prefix
+        self._acquire = redis.register_script(_ACQUIRE_LUA)
         self._write = redis.register_script(_WRITE_LUA)
-        self._restore = redis.register_script(_RESTORE_LUA)
         self._release = redis.register_script(_RELEASE_LUA)
         self._cap = redis.register_script(_CAP_LUA)
+        self._drop = redis.register_script(_DROP_LUA)
         self._extend = redis.register_script(_EXTEND_LUA)
         self._same = redis.register_script(_SAME_LUA)
 
@@ -258,6 +309,10 @@ class Store:
     def key(self, name: str) -> str:
         return self.prefix + name
 
+    def _keys(self, name: str) -> list[str]:
+        key = self.key(name)
+        return [key, key + ":meta", key + ":backoff", key + ":failures", key + ":blocked", key + ":lost"]
+
     async def close(self) -> None:
         # The pool was built by us (build_redis) and passed in: close its connections too.
         await self.redis.aclose(close_connection_pool=True)
@@ -265,72 +320,86 @@ class Store:
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
+    async def time(self) -> float:
+        """Redis's clock, in unix seconds: the one clock every instance shares."""
+        seconds, micros = await self.redis.time()
+        return float(seconds) + micros / 1e6
+
     async def read(self, name: str) -> Snapshot:
         """The value, its remaining life and its metadata in one round trip."""
         key = self.key(name)
         async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.time()
             pipe.get(key)
             pipe.pttl(key)
             pipe.hmget(key + ":meta", "version", "fetched_at", "field", "same_until")
             pipe.get(key + ":failures")
             pipe.pttl(key + ":backoff")
             pipe.get(key + ":blocked")
-            value, pttl, (version, fetched_at, field, same_until), failures, backoff_ms, blocked = await pipe.execute()
+            pipe.pttl(key + ":blocked")
+            pipe.get(key + ":lost")
+            (
+                (seconds, micros), value, pttl, (version, fetched_at, field, same_until),
+                failures, backoff_ms, blocked, blocked_ms, lost,
+            ) = await pipe.execute()
+        mono = time.monotonic()
+        now = float(seconds) + micros / 1e6
         # Metadata someone garbled must not turn every read into an error.
         v = int(_number(version))
-        backoff = max(0, backoff_ms or 0) / 1000.0
         block = _blocked(blocked)
-        if value is None or pttl is None or pttl <= 0:
-            return Snapshot(None, v, backoff, int(_number(failures)), block)
-        now = time.time()
-        entry = Entry(value, now + pttl / 1000.0, _number(fetched_at) or now, v, field or "access_token", _number(same_until))
-        return Snapshot(entry, v, backoff, int(_number(failures)), block)
-
-    async def write(self, name: str, value: str, life: float, fetched_at: float, field: str, read_version: int) -> Entry | None:
-        """Store a freshly fetched value with ``life`` seconds to live.
-
-        Returns the stored Entry, or None when the version moved since ``read_version``
-        (another process wrote a newer value: ours must not replace it).
-        """
-        key = self.key(name)
-        expires_at = fetched_at + life
-        ttl_ms = max(1, int((expires_at - time.time()) * 1000))
-        result = int(
-            await self._write(
-                keys=[key, key + ":meta", key + ":backoff", key + ":failures", key + ":blocked"],
-                args=[value, ttl_ms, read_version, repr(fetched_at), repr(expires_at), field],
-            )
+        extra = dict(
+            backoff=max(0, backoff_ms or 0) / 1000.0,
+            failures=int(_number(failures)),
+            blocked=block,
+            blocked_for=blocked_ms / 1000.0 if block is not None and blocked_ms and blocked_ms > 0 else float("inf"),
+            lost=int(_number(lost)),
         )
-        if result <= 0:
-            return None
-        return Entry(value, expires_at, fetched_at, result, field)
+        if value is None or pttl is None or pttl <= 0:
+            return Snapshot(None, v, **extra)  # type: ignore[arg-type]
+        fetched = _number(fetched_at)
+        until = _number(same_until)
+        entry = Entry(
+            value,
+            mono + pttl / 1000.0,
+            mono - (now - fetched) if fetched else mono,
+            v,
+            field or "access_token",
+            mono + (until - now) if until else 0.0,
+        )
+        return Snapshot(entry, v, **extra)  # type: ignore[arg-type]
 
-    async def restore(self, name: str, entry: Entry) -> bool:
-        """Put back a still-valid value that Redis lacks or holds an older version of.
+    async def write(self, name: str, entry: Entry, *, restore: bool = False) -> bool:
+        """Store ``entry`` (its version from :meth:`acquire`) if its version is above the
+        stored one; False when fenced out (a value fetched after it is stored).
 
-        False when Redis's is as new or newer (see _RESTORE_LUA for "newer").
+        ``restore``: put back a value held in memory that Redis lacks or holds an older
+        version of (Redis restarted empty, came back with old data, failed over to a
+        lagging replica); the same version is put back when only its value key is gone.
         """
         ttl_ms = int(entry.remaining() * 1000)
         if ttl_ms <= 0:
             return False
-        key = self.key(name)
         return bool(
-            await self._restore(
-                keys=[key, key + ":meta", key + ":backoff", key + ":failures", key + ":blocked"],
-                args=[entry.value, ttl_ms, entry.version, repr(entry.fetched_at), repr(entry.expires_at), entry.field],
+            await self._write(
+                keys=self._keys(name),
+                args=[entry.value, ttl_ms, str(entry.version), repr(max(0.0, entry.age())), entry.field, "1" if restore else "0"],
             )
         )
 
     async def cap_life(self, name: str, value: str, life: float) -> bool:
         """Make ``value``, if still stored, expire within ``life`` seconds; True if shortened."""
         key = self.key(name)
-        ms = max(1, int(life * 1000))
-        return bool(await self._cap(keys=[key, key + ":meta"], args=[value, ms, repr(time.time() + life)]))
+        return bool(await self._cap(keys=[key, key + ":meta"], args=[value, max(1, int(life * 1000))]))
 
-    async def mark_same(self, name: str, value: str, until: float) -> bool:
-        """Note that upstream confirmed the stored ``value``: no ordinary refresh before ``until``."""
+    async def drop(self, name: str, value: str) -> bool:
+        """Delete ``value`` if it is still stored (WeChat rejected it); True if deleted."""
         key = self.key(name)
-        return bool(await self._same(keys=[key, key + ":meta", key + ":backoff", key + ":failures"], args=[value, repr(until)]))
+        return bool(await self._drop(keys=[key, key + ":meta"], args=[value]))
+
+    async def mark_same(self, name: str, value: str, for_seconds: float) -> bool:
+        """Note that upstream confirmed the stored ``value``: no ordinary refresh for ``for_seconds``."""
+        keys = self._keys(name)
+        return bool(await self._same(keys=[keys[0], keys[1], keys[2], keys[3], keys[5]], args=[value, repr(for_seconds)]))
 
     async def clear_blocked(self, name: str) -> bool:
         """Lift the block every instance follows (a restart: the operator says try again)."""
@@ -342,22 +411,31 @@ class Store:
         data = json.dumps({"kind": block.kind, "errcode": block.errcode, "errmsg": block.errmsg[:300]})
         await self.redis.set(self.key(name) + ":blocked", data, px=None if ttl is None else max(1, int(ttl * 1000)))
 
-    async def set_backoff(self, name: str, delay: float, failures: int) -> None:
+    async def set_backoff(self, name: str, delay: float, failures: int, lost: bool = False) -> None:
         """Tell every instance not to retry ``name`` for ``delay`` seconds (forced refreshes
-        still may), after ``failures`` consecutive failed fetches."""
+        still may), after ``failures`` consecutive failed fetches; ``lost``: this one's
+        answer was lost (the next call waits longer for its answer)."""
         key = self.key(name)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(key + ":backoff", "1", px=max(1, int(delay * 1000)))
-            # The count outlives the backoff (the next failure grows from it) and ends with
+            # The counts outlive the backoff (the next failure grows from them) and end with
             # the next stored value (_WRITE_LUA) or after an hour of silence.
             pipe.set(key + ":failures", str(failures), ex=3600)
+            if lost:
+                pipe.incr(key + ":lost")
+                pipe.expire(key + ":lost", 3600)
             await pipe.execute()
 
-    async def acquire(self, name: str, lease: float) -> str | None:
-        """Take the refresh lock of ``name`` for ``lease`` seconds; the token to release it, or None."""
+    async def acquire(self, name: str, lease: float, known: int = 0) -> Lease | None:
+        """Take the refresh lock of ``name`` for ``lease`` seconds; None when another holds it.
+
+        ``known`` is the highest version this process holds: the lease's version is above it.
+        """
         token = secrets.token_hex(16)
-        ok = await self.redis.set(self.key(name) + ":lock", token, nx=True, px=max(1, int(lease * 1000)))
-        return token if ok else None
+        version = await self._acquire(
+            keys=[self.key(name) + ":lock", self.key(name) + ":meta"], args=[token, max(1, int(lease * 1000)), str(known)]
+        )
+        return Lease(token, int(version)) if version else None
 
     async def release(self, name: str, token: str) -> bool:
         """Release the lock if ``token`` still holds it (compare-and-delete)."""
@@ -369,3 +447,12 @@ class Store:
 
     async def locked(self, name: str) -> bool:
         return bool(await self.redis.exists(self.key(name) + ":lock"))
+
+    async def versions(self, names: list[str]) -> dict[str, int | None]:
+        """Per source, the version of the value Redis holds, None when it holds none (one round trip)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.exists(self.key(name))
+                pipe.hget(self.key(name) + ":meta", "version")
+            raw = await pipe.execute()
+        return {name: int(_number(raw[2 * i + 1])) if raw[2 * i] else None for i, name in enumerate(names)}

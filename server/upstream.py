@@ -92,9 +92,10 @@ class Upstream:
     def close(self) -> None:
         self.client.close()
 
-    async def fetch(self, source: Source, request: UpstreamRequest) -> Fetched:
+    async def fetch(self, source: Source, request: UpstreamRequest, timeout: float | None = None) -> Fetched:
+        """The value ``request`` fetches, waiting ``timeout`` seconds (default: the client's) for it."""
         started = time.monotonic()
-        payload = await self._send(source, request)
+        payload = await self._send(request, timeout or self.timeout)
         errcode = payload.get("errcode", 0) if isinstance(payload, dict) else 0
         if not isinstance(errcode, int):
             errcode = -1
@@ -109,15 +110,27 @@ class Upstream:
         logger.debug("source %s: fetched from %s in %.3fs", source.name, request.safe_url, time.monotonic() - started)
         return fetched
 
-    async def _send(self, source: Source, request: UpstreamRequest) -> Any:
+    async def check(self, request: UpstreamRequest, timeout: float) -> bool | None:
+        """Whether WeChat accepts the token in ``request`` (a ``getcallbackip`` call): False
+        when it answers 40001 / 40014 / 42001, None when it cannot tell (any other failure)."""
+        try:
+            payload = await self._send(request, timeout)
+        except UpstreamError:
+            return None
+        errcode = payload.get("errcode", 0) if isinstance(payload, dict) else -1
+        if errcode in STALE_TOKEN_CODES:
+            return False
+        return True if errcode == 0 else None
+
+    async def _send(self, request: UpstreamRequest, timeout: float) -> Any:
         headers = {"Content-Type": "application/json"} if request.body is not None else {}
         req = HTTPRequest(
             request.url,
             method=request.method,
             body=request.body,
             headers=headers,
-            connect_timeout=self.timeout,
-            request_timeout=self.timeout,
+            connect_timeout=timeout,
+            request_timeout=timeout,
             follow_redirects=False,
         )
         try:

@@ -98,6 +98,7 @@ class TokenServerProc:
         self.log_path = os.path.join(workdir, f"{name}.log")
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.extra_env: dict[str, str] = {}  # e.g. libfaketime's, for a process with a clock of its own
 
     @property
     def base(self) -> str:
@@ -114,6 +115,7 @@ class TokenServerProc:
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("LOG_LEVEL", None)
+        env.update(self.extra_env)
         try:
             self.process = subprocess.Popen(
                 [sys.executable, os.path.join(REPO, "token_server.py"), "-c", self.config_path, "--port", str(self.port)],

@@ -112,7 +112,7 @@ async def test_redis_killed_then_restarted_empty(token_servers, sandbox, sandbox
     assert rotated != memory_token and rotated == sandbox.current_token()
     assert r.get("access_token") == rotated
     assert sandbox.calls[TOKEN_PATH] == calls_before[TOKEN_PATH] + 1
-    assert int(r.hget("access_token:meta", "version")) == restored_version + 1
+    assert int(r.hget("access_token:meta", "version")) > restored_version
     assert await srv.token() == rotated
     r.close()
     assert await srv.stop() == 0

@@ -31,7 +31,8 @@ async def test_first_pass_is_done_when_start_returns_and_stores_plain_keys(make_
     assert 6990 <= redis_sync.ttl("access_token") <= 7000  # life = min(expires_in 7200, max_ttl 7000)
     assert sandbox.token_status(redis_sync.get("access_token")) == 0
     meta = redis_sync.hgetall("access_token:meta")
-    assert meta["version"] == "1" and meta["field"] == "access_token"
+    # The version is a hybrid clock: microseconds of Redis's TIME when the fetch took the lock.
+    assert abs(int(meta["version"]) / 1e6 - redis_sync.time()[0]) < 5 and meta["field"] == "access_token"
     assert redis_sync.hget("ticket:meta", "field") == "ticket"
 
 
@@ -164,7 +165,7 @@ async def test_fatal_errcode_blocks_the_source_until_forced(errcode, make_config
 
 
 @pytest.mark.gen_test(timeout=15)
-async def test_daily_quota_stops_calls_until_reset(make_config, start_server, sandbox, caplog):
+async def test_daily_quota_stops_calls_until_reset(make_config, start_server, sandbox, caplog, redis_sync):
     sandbox.inject(TOKEN_PATH, "errcode", errcode=45009, errmsg="reach max api daily quota limit", times=None)
     with caplog.at_level(logging.ERROR, logger="server.refresher"):
         srv = await start_server(make_config(refresh=FAST))
@@ -172,11 +173,12 @@ async def test_daily_quota_stops_calls_until_reset(make_config, start_server, sa
     assert sandbox.calls[TOKEN_PATH] == 1
     assert any("45009" in r.getMessage() and "daily quota" in r.getMessage() for r in caplog.records)
     assert srv.refresher.status()["access_token"]["state"] == "quota"
-    import datetime
-
-    until = datetime.datetime.fromtimestamp(srv.refresher.states["access_token"].block_until, datetime.timezone(datetime.timedelta(hours=8)))
-    assert (until.hour, until.minute, until.second) == (0, 0, 0)
-    assert 0 < until.timestamp() - time.time() <= 86400
+    # Blocked until midnight China time by Redis's clock, in Redis (for every instance) and here.
+    seconds, micros = redis_sync.time()
+    ttl = redis_sync.pttl("access_token:blocked") / 1000
+    midnight = seconds + micros / 1e6 + ttl + 8 * 3600
+    assert 0 < ttl <= 86400 and min(midnight % 86400, 86400 - midnight % 86400) < 2
+    assert abs(srv.refresher.states["access_token"].block_until - time.monotonic() - ttl) < 2
 
 
 @pytest.mark.gen_test(timeout=15)
@@ -515,9 +517,10 @@ async def test_instances_do_not_each_ask_again_for_the_same_stable_token(make_co
     cfg = make_config(sources={"access_token": stable}, refresh={"interval": 0.2, "ahead": 19.5})
     for _ in range(3):
         await start_server(cfg)
+    fetched = redis_sync.hget("access_token:meta", "version")
     await asyncio.sleep(2.0)  # every tick of every instance is inside `ahead`
     assert sandbox.calls["/cgi-bin/stable_token"] == 2  # the fetch, then one confirmation for all
-    assert redis_sync.hget("access_token:meta", "version") == "1"  # a confirmation is no new value
+    assert redis_sync.hget("access_token:meta", "version") == fetched  # a confirmation is no new value
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -557,6 +560,7 @@ async def test_a_caller_resumed_as_a_flight_lands_does_not_spin(make_config, sta
     srv = await start_server(make_config(refresh={"force_min_interval": 1}))
     refresher, name = srv.refresher, "access_token"
     state = refresher.states[name]
+    first = state.entry.version
     await asyncio.sleep(1.2)  # past force_min_interval: a forced refresh must fetch
 
     async def forced_caller():
@@ -570,7 +574,7 @@ async def test_a_caller_resumed_as_a_flight_lands_does_not_spin(make_config, sta
     tick = asyncio.ensure_future(refresher._attempt(name))  # what a PeriodicCallback tick runs
     entry = await forced_caller()
     await tick
-    assert entry.version == 2 and sandbox.calls[TOKEN_PATH] == 2
+    assert entry.version > first and sandbox.calls[TOKEN_PATH] == 2
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -644,13 +648,16 @@ async def test_a_block_lifted_in_redis_is_lifted_in_every_instance(make_config, 
 
 
 @pytest.mark.gen_test
-async def test_reads_do_not_try_to_put_back_a_value_redis_has_a_newer_version_of(make_config, start_server, call, redis_sync):
+async def test_a_value_redis_has_a_newer_version_of_is_neither_put_back_nor_served(make_config, start_server, call, redis_sync):
     srv = await start_server(make_config())
-    redis_sync.hset("access_token:meta", "version", 5)  # another instance stored v5, which has expired
+    # Another instance stored a newer version, which has expired (or was rejected): WeChat
+    # issued it after ours, so ours is dead too.
+    redis_sync.hset("access_token:meta", "version", int(redis_sync.hget("access_token:meta", "version")) + 5)
     redis_sync.delete("access_token")
     redis_sync.config_resetstat()
     for _ in range(5):
-        await call(srv.port, "/wechat/token", type="access_token")
+        status, _ = await call(srv.port, "/wechat/token", type="access_token")
+        assert status == 503
     scripts = redis_sync.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
     assert scripts == 0  # no put-back attempt (and re-read) on every request
     assert redis_sync.get("access_token") is None
