@@ -26,6 +26,7 @@ import tornado.web
 from redis.exceptions import RedisError
 from tornado.httpserver import HTTPServer
 
+from server import logthrottle
 from server.auth import Authenticator
 from server.config import Config
 from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
@@ -39,6 +40,7 @@ from server.handlers import (
     TokenHandler,
     log_request,
 )
+from server.listener import GuardedHTTPServer
 from server.refresher import Refresher
 from server.sources import Source
 from server.store import Store, build_redis
@@ -77,6 +79,8 @@ class Running:
     embedded: EmbeddedRedis | None
     port: int
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    #: takes the log throttle (server.logthrottle) off again
+    unthrottle: Callable[[], None] = lambda: None
 
 
 def redis_url(cfg: Config) -> tuple[str | None, EmbeddedRedis | None]:
@@ -113,8 +117,16 @@ async def start(cfg: Config) -> Running:
         await refresher.start()
         logger.info("first refresh pass done in %.2fs: %s", time.monotonic() - started, _summary(refresher))
         active = ActiveRequests()
+        auth = Authenticator(cfg)
         # The API takes no body: refuse big ones early, and do not wait long for slow ones.
-        http = HTTPServer(make_app(refresher, Authenticator(cfg), active), max_body_size=4096, body_timeout=10, idle_connection_timeout=60)
+        # Refused peers are closed at accept, heads get server.header_timeout (server.listener).
+        http = GuardedHTTPServer(
+            make_app(refresher, auth, active),
+            admit=auth.accepts_peer,
+            header_timeout=cfg.server.header_timeout,
+            max_body_size=4096,
+            body_timeout=10,
+        )
         http.add_sockets(sockets)
     except BaseException:
         for sock in sockets:
@@ -128,7 +140,7 @@ async def start(cfg: Config) -> Running:
         raise
     port = sockets[0].getsockname()[1]
     logger.info("listening on http://%s:%d", cfg.server.host, port)
-    return Running(http, active, refresher, store, upstream, embedded, port)
+    return Running(http, active, refresher, store, upstream, embedded, port, unthrottle=logthrottle.install())
 
 
 class StartupError(Exception):
@@ -176,6 +188,7 @@ async def stop(running: Running, timeout: float) -> None:
         running.embedded.stop()
     running.stopped.set()
     logger.info("stopped")
+    running.unthrottle()
 
 
 async def serve(cfg: Config, on_ready: Callable[[Running], Awaitable[None] | None] | None = None) -> int:

@@ -8,7 +8,9 @@ The gate a request passes, in this order (handlers call it from ``prepare``):
    an IP address are ignored (the peer is used).
 2. **IP allowlist** (:meth:`Authenticator.check_ip`): ``server.allow_ips``, addresses and
    CIDR ranges compared as networks by :mod:`ipaddress` (never as text).  403 before
-   anything else, so a refused IP learns nothing.
+   anything else, so a refused IP learns nothing.  A direct peer that could only ever get
+   that 403 is not even kept: :meth:`Authenticator.accepts_peer`, checked at accept by
+   :mod:`server.listener`.
 3. **Brute force**: an IP with ``server.auth_failures_per_minute`` failed
    authentications in its current minute gets 429 (with ``Retry-After``) for every
    request, the right secret included, until that minute is over.
@@ -76,14 +78,22 @@ OPERATOR = "default"
 @dataclass(frozen=True)
 class Principal:
     """An authenticated caller: ``name`` for logs, ``sources`` it may use (None: all),
-    ``via`` how it proved itself ("secret" or "jwt")."""
+    ``via`` how it proved itself ("secret" or "jwt"), ``metrics`` whether it was given
+    ``/metrics`` (``clients[].metrics``)."""
 
     name: str
     sources: frozenset[str] | None = None
     via: str = "secret"
+    metrics: bool = False
 
     def may_use(self, source: str) -> bool:
         return self.sources is None or source in self.sources
+
+    @property
+    def may_read_metrics(self) -> bool:
+        """``/metrics`` shows every source, so a scope cannot filter it: the operator (by
+        the secret, not the name: a JWT may carry any ``sub``) or a client given it."""
+        return self.metrics or (self.name == OPERATOR and self.via == "secret")
 
 
 def parse_ip(text: str | None) -> IPAddress | None:
@@ -96,6 +106,10 @@ def parse_ip(text: str | None) -> IPAddress | None:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        # "fe80::1%<3,000 characters>" parses; a zone means nothing beyond this host, and
+        # kept it would carry a client-chosen string into every log line.
+        return ipaddress.IPv6Address(int(ip))
     return ip
 
 
@@ -152,13 +166,14 @@ class Authenticator:
         self._secrets: list[tuple[bytes, Principal]] = [(_digest(cfg.server.secret), Principal(OPERATOR))]
         self._clients: dict[str, Principal] = {}
         for client in cfg.clients:
-            principal = Principal(client.name, frozenset(client.sources))
+            principal = Principal(client.name, frozenset(client.sources), metrics=client.metrics)
             self._clients[client.name] = principal
             self._secrets.append((_digest(client.secret), principal))
         self._jwt = cfg.jwt
         self._sources = frozenset(cfg.sources)
         self._allow = _networks(cfg.server.allow_ips)
         self._trusted = _networks(cfg.server.trusted_proxies)
+        self._probes = _networks(cfg.server.probe_ips)
         self.failures = RateLimiter(cfg.server.auth_failures_per_minute, WINDOW, clock=clock)
         self.forced = RateLimiter(cfg.server.forcerefresh_per_minute, WINDOW, max_keys=100_000, clock=clock)
         #: masks configured secrets in texts that came from upstream (see server.redact)
@@ -194,6 +209,36 @@ class Authenticator:
                 return str(ip)
             found = ip
         return str(found or peer)  # every hop a trusted proxy: the first one is the client
+
+    def accepts_peer(self, address: str) -> bool:
+        """Whether a direct peer may keep its connection (checked at accept, before a byte is read).
+
+        With ``server.allow_ips`` set, only an allowed peer, a trusted proxy (the client
+        behind it is checked per request) or a ``server.probe_ips`` peer (for ``/healthz``;
+        its other requests get 403) is kept.  Everyone else would only ever get a 403, so
+        they are not given a file descriptor, a buffer and a header timeout to hold first.
+        A peer that is no IP address (a unix socket) is kept.
+        """
+        if not self._allow:
+            return True
+        ip = parse_ip(address)
+        return ip is None or any(ip in net for nets in (self._allow, self._trusted, self._probes) for net in nets)
+
+    def check_query_secret(self, request: HTTPServerRequest) -> None:
+        """AuthError(400) for a ``secret`` query argument on a request that came through a
+        proxy: a trusted peer that forwarded ``X-Real-IP`` or ``X-Forwarded-For``.
+
+        The proxy has already written the URL into its logs (nginx's error log writes the
+        request line whenever a backend fails), so the secret must travel in a header.
+        Tornado decodes argument names, so ``?s%65cret=`` is refused here whatever the
+        proxy's own rules saw.  A direct caller (no proxy) may still use the argument.
+        """
+        if "secret" not in request.query_arguments:
+            return
+        peer = parse_ip(request.remote_ip)
+        forwarded = "X-Real-IP" in request.headers or "X-Forwarded-For" in request.headers
+        if peer is not None and self._is_trusted(peer) and forwarded:
+            raise AuthError(400, "send the secret in the X-Token-Secret header, not in the URL", "secret in the query string through a proxy")
 
     def check_ip(self, ip: str) -> None:
         """AuthError(403) unless ``ip`` is in ``server.allow_ips`` (empty: any IP)."""
@@ -275,7 +320,7 @@ class Authenticator:
         sub = printable(str(claims["sub"]), 64)
         client = self._clients.get(sub)
         if client is not None:
-            return Principal(sub, client.sources, via="jwt")
+            return Principal(sub, client.sources, via="jwt", metrics=client.metrics)
         claimed = claims.get("sources")
         names = claimed if isinstance(claimed, list) else []
         return Principal(sub, frozenset(n for n in names if isinstance(n, str)) & self._sources, via="jwt")

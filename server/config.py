@@ -71,6 +71,11 @@ class ServerConfig:
     trusted_proxies: list[str] = opt(
         help="peers (IPs/CIDRs) whose X-Real-IP / X-Forwarded-For are believed", factory=lambda: ["127.0.0.1", "::1"]
     )
+    probe_ips: list[str] = opt(
+        help="peers (IPs/CIDRs) outside allow_ips that may still connect, for /healthz only (a load balancer's checker)",
+        factory=list,
+    )
+    header_timeout: float = opt(10.0, "seconds a connection gets to send a request's headers (also the keep-alive idle limit)")
     auth_failures_per_minute: int = opt(10, "failed authentications allowed per client IP per minute before 429")
     forcerefresh_per_minute: int = opt(60, "forced refreshes allowed per client per minute before 429")
     shutdown_timeout: float = opt(10.0, "seconds to let in-flight requests and fetches finish on SIGTERM")
@@ -121,6 +126,7 @@ class ClientConfig:
     name: str = opt(help="client name shown in logs")
     secret: str = opt(help="this client's request secret (at least 16 characters)", secret=True)
     sources: list[str] = opt(help="sources this client may read and force-refresh", factory=list)
+    metrics: bool = opt(False, "may read /metrics (every source's state and counts); the server.secret holder always may")
 
 
 @dataclass(frozen=True)
@@ -336,6 +342,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("server.port: must be between 1 and 65535")
     _check_networks("server.allow_ips", cfg.server.allow_ips)
     _check_networks("server.trusted_proxies", cfg.server.trusted_proxies)
+    _check_networks("server.probe_ips", cfg.server.probe_ips)
+    if not cfg.server.header_timeout > 0:
+        raise ConfigError("server.header_timeout: must be a positive number of seconds")
     for key in ("auth_failures_per_minute", "forcerefresh_per_minute"):
         if getattr(cfg.server, key) < 1:
             raise ConfigError(f"server.{key}: must be at least 1")

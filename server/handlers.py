@@ -119,6 +119,7 @@ class BaseHandler(tornado.web.RequestHandler):
             if self.check_ip:
                 self.ip = self.auth.client_ip(self.request)
                 self.auth.check_ip(self.ip)
+            self.auth.check_query_secret(self.request)
             if self.needs_auth:
                 self.principal = self.auth.authenticate(self.request, self.ip or self.request.remote_ip or "-")
         except AuthError as e:
@@ -293,8 +294,13 @@ class MetricsHandler(BaseHandler):
         """Prometheus text format (see server.metrics); states and counts, never values.
 
         ``GET /metrics`` with the secret (Prometheus: ``authorization: {credentials: ...}``) ->
-        ``wechat_token_seconds_left{source="access_token"} 6900.0`` ...
+        ``wechat_token_seconds_left{source="access_token"} 6900.0`` ...  The metrics cover
+        every source, so only the operator (``server.secret``) or a client configured with
+        ``metrics: true`` may read them; anyone else gets 403.
         """
+        if self.principal is None or not self.principal.may_read_metrics:
+            who = self.principal.name if self.principal else "-"
+            raise tornado.web.HTTPError(403, "client %s may not read /metrics", who, reason="metrics not allowed for this client")
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(self.refresher.metrics.render())
 
@@ -327,5 +333,6 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         1000.0 * handler.request.request_time(),
         principal.name if principal else "-",
         principal.via if principal else "-",
-        getattr(handler, "ip", None) or handler.request.remote_ip,
+        # The client IP may come from X-Real-IP: bounded like every header-derived string.
+        printable(getattr(handler, "ip", None) or handler.request.remote_ip or "-", 64),
     )

@@ -102,3 +102,42 @@ async def test_nginx_proxies_over_tls_and_keeps_secrets_out_of_its_logs(make_con
     assert "connect() failed" in errors or "upstream" in errors  # the failure was logged...
     for text in (log, errors):
         assert TEST_SECRET not in text and "secret=" not in text  # ...without the secret
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_nginx_refuses_a_secret_in_the_url_however_it_is_encoded(make_config, start_server, nginx_for):
+    from server.app import stop
+
+    srv = await start_server(make_config())
+    https, access_log = nginx_for(srv.port)
+    error_log = access_log.replace(".access.log", ".error.log")
+    client = AsyncHTTPClient(force_instance=True)
+    base = f"https://127.0.0.1:{https}/wechat/token?type=access_token"
+    names = ["secret", "SECRET", "Secret", "s%65cret", "%73ecret", "secre%74", "%53ECRET", "s%2565cret"]
+
+    async def get(url, **headers):
+        for _ in range(50):  # nginx may need a moment to bind
+            resp = await client.fetch(url, headers=headers, validate_cert=False, raise_error=False)
+            if resp.code != 599:
+                return resp
+            time.sleep(0.1)
+        return resp
+
+    # A legitimate encoded VALUE is still proxied; only encoded NAMES are refused.
+    resp = await get(f"{base.replace('/token?', '/token/forcerefresh?')}&old=a%2Fb", **{"X-Token-Secret": TEST_SECRET})
+    assert resp.code == 200, resp.body
+    for down in (False, True):
+        if down:
+            await stop(srv, 1.0)  # every backend down: nginx's error log would write the request line
+        for name in names:
+            resp = await get(f"{base}&{name}={TEST_SECRET}")
+            assert resp.code == 400 and b"X-Token-Secret header" in resp.body, (name, down, resp.code, resp.body)
+    # The refusals never reached a backend, so nothing was written to the error log about them.
+    resp = await get(base, **{"X-Token-Secret": TEST_SECRET})
+    assert resp.code == 503
+    client.close()
+    time.sleep(0.2)
+    errors = open(error_log).read()
+    assert "connect() failed" in errors or "upstream" in errors
+    for text in (open(access_log).read(), errors):
+        assert TEST_SECRET not in text and "ecret=" not in text and "%65" not in text

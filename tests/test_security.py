@@ -21,6 +21,7 @@ import jwt
 import pytest
 import yaml
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.simple_httpclient import HTTPStreamClosedError
 
 from server.auth import Authenticator
 from server.config import ConfigError, load_config, parse_config
@@ -69,7 +70,8 @@ def fake_clock(srv) -> Clock:
 
 @pytest.fixture
 def fetch(io_loop):
-    """``await fetch(port, path, source_ip=..., headers=..., **params)`` -> (status, body, headers)."""
+    """``await fetch(port, path, source_ip=..., headers=..., **params)`` -> (status, body, headers);
+    ``(599, None, {})`` when the connection was closed without an answer (refused at accept)."""
     client = AsyncHTTPClient(force_instance=True)
 
     async def _fetch(port, path, *, source_ip="127.0.0.1", headers=None, **params):
@@ -81,7 +83,10 @@ def fetch(io_loop):
             headers=AUTH if headers is None else headers,
             network_interface=source_ip,
         )
-        resp = await client.fetch(req, raise_error=False)
+        try:
+            resp = await client.fetch(req, raise_error=False)
+        except HTTPStreamClosedError:
+            return 599, None, {}
         return resp.code, json.loads(resp.body), resp.headers
 
     yield _fetch
@@ -247,14 +252,18 @@ async def test_bearer_secret_still_works_with_jwt_on_and_jwt_is_refused_with_jwt
 
 @pytest.mark.gen_test
 async def test_allowlist_compares_addresses_not_text(make_config, start_server, fetch):
-    # direct peers, no proxy: 27.0.0.2 allowed must not let 127.0.0.2 in; 127.0.0.2 not 127.0.0.20
+    # direct peers, no proxy: 27.0.0.2 allowed must not let 127.0.0.2 in; 127.0.0.2 not 127.0.0.20.
+    # A refused direct peer is closed at accept (599: no answer), unless it is a probe IP:
+    # then it is let in for /healthz and gets the gate's 403 elsewhere.
     srv = await start_server(make_config(server={"allow_ips": ["27.0.0.2"], "trusted_proxies": []}))
+    assert (await fetch(srv.port, "/wechat/token", source_ip="127.0.0.2", type="access_token"))[0] == 599
+    srv = await start_server(make_config(server={"allow_ips": ["27.0.0.2"], "trusted_proxies": [], "probe_ips": ["127.0.0.2"]}))
     status, body, _ = await fetch(srv.port, "/wechat/token", source_ip="127.0.0.2", type="access_token")
     assert (status, body) == (403, {"errcode": 403, "errmsg": "ip not allowed"})
     srv = await start_server(make_config(server={"allow_ips": ["127.0.0.2"], "trusted_proxies": []}))
     assert (await fetch(srv.port, "/wechat/token", source_ip="127.0.0.2", type="access_token"))[0] == 200
     for peer in ("127.0.0.20", "127.0.0.1"):
-        assert (await fetch(srv.port, "/wechat/token", source_ip=peer, type="access_token"))[0] == 403
+        assert (await fetch(srv.port, "/wechat/token", source_ip=peer, type="access_token"))[0] == 599
 
 
 @pytest.mark.gen_test
@@ -273,7 +282,8 @@ async def test_allowlist_cidr_and_single_addresses(make_config, start_server, fe
 
 @pytest.mark.gen_test
 async def test_forwarded_headers_believed_only_from_trusted_proxies(make_config, start_server, fetch):
-    cfg = make_config(server={"allow_ips": ["10.0.0.0/8"], "trusted_proxies": ["127.0.0.1"]})
+    # 127.0.0.2 is a probe IP, so that its requests reach the gate instead of being closed at accept.
+    cfg = make_config(server={"allow_ips": ["10.0.0.0/8"], "trusted_proxies": ["127.0.0.1"], "probe_ips": ["127.0.0.2"]})
     srv = await start_server(cfg)
     for header in ("X-Real-IP", "X-Forwarded-For"):
         spoof = {**AUTH, header: "10.1.2.3"}
@@ -305,7 +315,8 @@ async def test_forwarded_for_takes_the_rightmost_untrusted_hop(make_config, star
 
 @pytest.mark.gen_test
 async def test_refused_ip_learns_nothing_and_is_checked_first(make_config, start_server, fetch):
-    srv = await start_server(make_config(server={"allow_ips": ["10.0.0.0/8"], "trusted_proxies": []}))
+    # 127.0.0.1 as a probe IP reaches the gate (any other refused peer is closed at accept).
+    srv = await start_server(make_config(server={"allow_ips": ["10.0.0.0/8"], "trusted_proxies": [], "probe_ips": ["127.0.0.1"]}))
     for headers in ({}, AUTH, {"X-Token-Secret": "wrong-wrong-wrong-wrong"}):
         status, body, _ = await fetch(srv.port, "/wechat/token", headers=headers, type="access_token")
         assert (status, body["errmsg"]) == (403, "ip not allowed")
