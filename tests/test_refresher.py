@@ -58,21 +58,34 @@ async def test_prefix_namespaces_every_key(make_config, start_server, sandbox, r
 
 @pytest.mark.gen_test(timeout=20)
 async def test_refreshes_ahead_of_expiry_using_expires_in(make_config, start_server, call, sandbox, redis_sync):
-    sandbox.expires_in = 3  # seconds: ahead (1 s) is reached 2 s after each fetch
-    srv = await start_server(make_config(refresh=FAST))
+    sandbox.expires_in = 6  # seconds: ahead (3 s) is reached 3 s after each fetch
+    before_start = time.monotonic()
+    srv = await start_server(make_config(refresh=dict(FAST, ahead=3)))
     _, first = await call(srv.port, "/wechat/token", type="access_token")
-    assert 1 <= first["expires_in"] <= 3
-    assert await wait_until(lambda: sandbox.calls[TOKEN_PATH] == 2, timeout=4)
+    assert 4 <= first["expires_in"] <= 6
+    # Readers see the value renewed while it still has about `ahead` left, never run down.
+    served = []
+    while sandbox.calls[TOKEN_PATH] < 2 and time.monotonic() < before_start + 8:
+        status, body = await call(srv.port, "/wechat/token", type="access_token")
+        served.append((status, body.get("expires_in")))
+        await asyncio.sleep(0.05)
+    renewed_after = time.monotonic() - before_start
+    assert sandbox.calls[TOKEN_PATH] == 2, "not renewed before the first value expired"
+    # Not at once (the value has more than `ahead` left for 3 s), and well before its
+    # expiry at 6 s from the fetch (the start): ahead of it, as `expires_in` and `ahead` say.
+    assert 2.5 <= renewed_after <= 5.0, f"renewed {renewed_after:.1f}s after the fetch of a 6 s value (ahead 3 s)"
+    assert all(status == 200 and left >= 1 for status, left in served), served
+    assert await wait_until(lambda: redis_sync.get("access_token") != first["access_token"], timeout=2)
     _, second = await call(srv.port, "/wechat/token", type="access_token")
     assert second["access_token"] != first["access_token"]
     assert sandbox.token_status(second["access_token"]) == 0
     assert redis_sync.get("access_token") == second["access_token"]
-    assert redis_sync.pttl("access_token") <= 3000
+    assert redis_sync.pttl("access_token") <= 6000
     # The ticket was fetched again with the new token (it is valid at the sandbox).
     assert await wait_until(lambda: sandbox.calls[TICKET_PATH] >= 2, timeout=3)
-    # One fetch per rotation, not one per tick: 2.5 s of ticks every 0.2 s.
-    await asyncio.sleep(0.6)
-    assert sandbox.calls[TOKEN_PATH] <= 3
+    # One fetch per rotation, not one per tick: the new value is not due for 3 s.
+    await asyncio.sleep(1.0)
+    assert sandbox.calls[TOKEN_PATH] == 2
 
 
 @pytest.mark.gen_test
