@@ -41,6 +41,7 @@ from server.handlers import (
     log_request,
 )
 from server.listener import GuardedHTTPServer
+from server.ratelimit import SharedLimit
 from server.refresher import Refresher
 from server.sources import Source
 from server.store import Store, build_redis
@@ -117,7 +118,7 @@ async def start(cfg: Config) -> Running:
         await refresher.start()
         logger.info("first refresh pass done in %.2fs: %s", time.monotonic() - started, _summary(refresher))
         active = ActiveRequests()
-        auth = Authenticator(cfg)
+        auth = Authenticator(cfg, *shared_limits(store, cfg))
         # The API takes no body: refuse big ones early, and do not wait long for slow ones.
         # Refused peers are closed at accept, heads get server.header_timeout (server.listener).
         http = GuardedHTTPServer(
@@ -141,6 +142,14 @@ async def start(cfg: Config) -> Running:
     port = sockets[0].getsockname()[1]
     logger.info("listening on http://%s:%d", cfg.server.host, port)
     return Running(http, active, refresher, store, upstream, embedded, port, unthrottle=logthrottle.install())
+
+
+def shared_limits(store: Store, cfg: Config) -> tuple[SharedLimit, SharedLimit]:
+    """The failed-authentication and forced-refresh limits, counted in the store's Redis."""
+    return (
+        SharedLimit(store.redis, cfg.redis.prefix, "auth-failures", cfg.server.auth_failures_per_minute),
+        SharedLimit(store.redis, cfg.redis.prefix, "forcerefresh", cfg.server.forcerefresh_per_minute),
+    )
 
 
 class StartupError(Exception):

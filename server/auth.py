@@ -21,10 +21,13 @@ The gate a request passes, in this order (handlers call it from ``prepare``):
    configured, a bearer value shaped like a JWT is verified as one by PyJWT instead.  None
    presented: 401; a wrong one: 403, counted by the brute-force limit.
 
-Forced refreshes are limited per client (:meth:`Authenticator.check_forcerefresh`).
+Forced refreshes that start an upstream call are limited per client and source
+(:meth:`Authenticator.forcerefresh_permit`, given to the refresher, which asks for it just
+before the call: a request that joins a flight, carries a stale ``old`` or is answered
+from a recent fetch is a read and is not counted).
 
-The limits live in this process (:mod:`server.ratelimit`), so the auth path never needs
-Redis; with N instances the effective limits are N times the configured ones.
+Both limits are counted in Redis (:mod:`server.ratelimit`, the ``limits`` library), so
+they hold across every instance; while Redis is unreachable each process counts alone.
 """
 
 from __future__ import annotations
@@ -34,16 +37,16 @@ import hmac
 import ipaddress
 import logging
 import re
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import jwt
 from tornado.httputil import HTTPServerRequest
 
 from server.config import Config
-from server.ratelimit import RateLimiter
+from server.ratelimit import SharedLimit
 from server.redact import Redactor, config_secrets, printable
+from server.state import NotPermitted
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +58,6 @@ JWT_SHAPE_RE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 #: What a JWT ``sub`` may look like to be shown in logs as is.
 #: An IPv6 client is limited per /64: one host usually owns a whole /64.
 IPV6_LIMIT_PREFIX = 64
-WINDOW = 60.0  # seconds: the limits are configured "per minute"
 
 
 class AuthError(Exception):
@@ -154,13 +156,10 @@ def _digest(secret: str) -> bytes:
 
 
 class Authenticator:
-    """The gate described in the module docstring, built from the config.
+    """The gate described in the module docstring, built from the config and the two
+    shared limits (failed authentications per IP, forced refreshes per client and source)."""
 
-    ``clock`` (seconds, default ``time.monotonic``) drives both rate limiters; the
-    limiters are public (``failures``, ``forced``) so a test can give them a fake clock.
-    """
-
-    def __init__(self, cfg: Config, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cfg: Config, failures: SharedLimit, forced: SharedLimit) -> None:
         # Digests, not the secrets: equal-length inputs for compare_digest, and a repr
         # or a heap dump of this object shows no secret.
         self._secrets: list[tuple[bytes, Principal]] = [(_digest(cfg.server.secret), Principal(OPERATOR))]
@@ -174,8 +173,8 @@ class Authenticator:
         self._allow = _networks(cfg.server.allow_ips)
         self._trusted = _networks(cfg.server.trusted_proxies)
         self._probes = _networks(cfg.server.probe_ips)
-        self.failures = RateLimiter(cfg.server.auth_failures_per_minute, WINDOW, clock=clock)
-        self.forced = RateLimiter(cfg.server.forcerefresh_per_minute, WINDOW, max_keys=100_000, clock=clock)
+        self.failures = failures
+        self.forced = forced
         #: masks configured secrets in texts that came from upstream (see server.redact)
         self.redact = Redactor(config_secrets(cfg))
 
@@ -258,11 +257,11 @@ class Authenticator:
 
     # --- who -----------------------------------------------------------------------------
 
-    def authenticate(self, request: HTTPServerRequest, ip: str) -> Principal:
+    async def authenticate(self, request: HTTPServerRequest, ip: str) -> Principal:
         """The caller, or AuthError: 429 while ``ip`` is over its failure limit, 400 for an
         ambiguous credential, 401 for none, 403 for a wrong one (counted against ``ip``)."""
         key = self.limit_key(ip)
-        wait = self.failures.retry_after(key)
+        wait = await self.failures.retry_after(key)
         if wait > 0:
             raise AuthError(429, "too many failed authentications", f"ip {key} over its failure limit", retry_after=wait)
         credential = presented_credential(request)
@@ -274,7 +273,7 @@ class Authenticator:
                 return self._verify_jwt(value)
             return self._match_secret(value)
         except AuthError as e:
-            self.failures.hit(key)
+            await self.failures.hit(key)
             e.detail = f"{e.detail} ({where}) from {ip}"
             raise
 
@@ -327,8 +326,13 @@ class Authenticator:
 
     # --- how often -----------------------------------------------------------------------
 
-    def check_forcerefresh(self, principal: Principal) -> None:
-        """Count one forced refresh that may call upstream; AuthError(429) past the limit."""
-        wait = self.forced.acquire(principal.name)
-        if wait > 0:
-            raise AuthError(429, "too many forced refreshes", f"client {principal.name} over its forced refresh limit", retry_after=wait)
+    def forcerefresh_permit(self, principal: Principal, source: str) -> Callable[[], Awaitable[None]]:
+        """What the refresher awaits just before a forced refresh's own upstream call: counts
+        it for ``principal`` and ``source``, or raises NotPermitted past the limit."""
+
+        async def permit() -> None:
+            wait = await self.forced.hit(f"{principal.name}/{source}")
+            if wait > 0:
+                raise NotPermitted(f"client {principal.name} over its forced refresh limit for {source}", wait)
+
+        return permit

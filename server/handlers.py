@@ -13,7 +13,6 @@ at most ``MAX_ARG_BYTES``; anything else is a 400 naming the argument.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
 import re
@@ -25,7 +24,7 @@ from server.auth import OPERATOR, Authenticator, AuthError, Principal
 from server.ratelimit import retry_after_header
 from server.redact import printable
 from server.refresher import Refresher
-from server.state import Unavailable
+from server.state import NotPermitted, Unavailable
 from server.store import Entry
 from server.upstream import UpstreamError
 
@@ -109,11 +108,11 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
         self.clear_header("Server")
 
-    def prepare(self) -> None:
-        self.gate()
+    async def prepare(self) -> None:
+        await self.gate()
         self.check_arguments()
 
-    def gate(self) -> None:
+    async def gate(self) -> None:
         """IP allowlist, then brute-force limit and credential (see server.auth for the order)."""
         try:
             if self.check_ip:
@@ -121,7 +120,7 @@ class BaseHandler(tornado.web.RequestHandler):
                 self.auth.check_ip(self.ip)
             self.auth.check_query_secret(self.request)
             if self.needs_auth:
-                self.principal = self.auth.authenticate(self.request, self.ip or self.request.remote_ip or "-")
+                self.principal = await self.auth.authenticate(self.request, self.ip or self.request.remote_ip or "-")
         except AuthError as e:
             raise Refused(e) from None
 
@@ -215,51 +214,32 @@ class ForceRefreshHandler(BaseHandler):
         """A new value now, unless ``old`` shows someone already rotated it.
 
         ``GET /wechat/token/forcerefresh?type=access_token&old=OLD_TOKEN`` ->
-        ``200 {"access_token": "NEW_TOKEN", "expires_in": 7000}``.  With ``old`` no longer
-        current, or within ``refresh.force_min_interval`` of the last fetch, nothing is
-        fetched and the current value is returned.  Past ``server.forcerefresh_per_minute``
-        for this client: ``429`` with ``Retry-After``; a request whose ``old`` is stale is
-        a plain read and is not counted.
+        ``200 {"access_token": "NEW_TOKEN", "expires_in": 7000}``.  With ``old`` equal to the
+        current value, it is replaced (once: the crowd that follows sends a stale ``old``).
+        With ``old`` no longer current, or without ``old`` within
+        ``refresh.force_min_interval`` of the last fetch, nothing is fetched and the current
+        value is returned.  Only a request that starts an upstream call counts toward
+        ``server.forcerefresh_per_minute`` (per client and source, across instances); past
+        it: ``429`` with ``Retry-After``.
         """
         name = self.source_name()
         old = self.argument("old")
         who = self.principal.name if self.principal else "-"
-        if self.principal is not None and not await self._is_stale(name, old):
-            try:
-                self.auth.check_forcerefresh(self.principal)
-            except AuthError as e:
-                raise Refused(e) from None
         # The operator (the server.secret holder) may retry a blocked source and skip the
         # backoff; a business server's forced refresh may not.
         # By the secret, not the name: a JWT may carry any `sub`, "default" included.
         operator = self.principal is not None and self.principal.name == OPERATOR and self.principal.via == "secret"
+        permit = self.auth.forcerefresh_permit(self.principal, name) if self.principal is not None else None
         try:
-            entry = await self.refresher.refresh(name, force=True, old=old, retry_blocked=operator, ignore_backoff=operator)
+            entry = await self.refresher.refresh(name, force=True, old=old, retry_blocked=operator, ignore_backoff=operator, permit=permit)
+        except NotPermitted as e:
+            raise Refused(AuthError(429, "too many forced refreshes", str(e), retry_after=e.retry_after)) from None
         except Unavailable as e:
             # Our own short reasons (blocked, backing off, no value): safe to show.
             raise Unavailable503(e, f"forced refresh of {name} by {who}") from None
         except UpstreamError as e:
             raise tornado.web.HTTPError(503, "forced refresh of %s by %s failed: %s", name, who, e, reason="refresh failed: upstream is failing") from None
         self.write_entry(entry)
-
-    async def _is_stale(self, name: str, old: str | None) -> bool:
-        """Whether ``old`` is not the current value, so the refresh is a read that cannot reach upstream.
-
-        Compared with the value this process holds (no Redis round trip: a crowd of
-        forced refreshes costs Redis nothing more than the one flight they join).  Only
-        when the process holds no valid value is Redis asked.  If another instance rotated
-        to ``old`` and this one has not seen it yet, the request goes uncounted; the
-        refresher's ``force_min_interval`` still caps such calls.
-        """
-        if old is None:
-            return False
-        known = self.refresher.states[name].entry
-        if known is None or known.remaining() <= 0:
-            try:
-                known = await self.refresher.current(name)
-            except Unavailable:
-                return False  # no value at all: this refresh fetches
-        return not hmac.compare_digest(old.encode(), known.value.encode())
 
 
 class HealthHandler(BaseHandler):
@@ -310,8 +290,8 @@ class NotFoundHandler(BaseHandler):
 
     needs_auth = False
 
-    def prepare(self) -> None:
-        self.gate()
+    async def prepare(self) -> None:
+        await self.gate()
         raise tornado.web.HTTPError(404, reason="not found")
 
 

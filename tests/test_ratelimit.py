@@ -1,96 +1,72 @@
-"""The in-memory rate limiter behind the brute-force and forced-refresh limits (fake clock)."""
+"""The shared rate limits (``limits`` on Redis) behind the brute-force and forced-refresh limits."""
+
+from __future__ import annotations
+
+import asyncio
 
 import pytest
 
-from server.ratelimit import RateLimiter, retry_after_header
+from server.config import RedisConfig
+from server.embedded_redis import EmbeddedRedis
+from server.ratelimit import CACHE_SECONDS, SharedLimit, retry_after_header
+from server.store import build_redis
 
 
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_limit_events_then_blocked_until_the_window_closes():
-    clock = Clock()
-    rl = RateLimiter(3, 60, clock=clock)
-    for _ in range(3):
-        assert rl.retry_after("a") == 0.0
-        rl.hit("a")
-    assert rl.retry_after("a") == pytest.approx(60.0)
-    clock.now += 45
-    assert rl.retry_after("a") == pytest.approx(15.0)
-    clock.now += 15
-    assert rl.retry_after("a") == 0.0  # the window is over: a fresh one starts at the next event
-    rl.hit("a")
-    assert rl.retry_after("a") == 0.0
+@pytest.fixture
+def clients(redis_url, io_loop):
+    """Two Redis clients, as two instances of the server would have."""
+    made = [build_redis(RedisConfig(url=redis_url)) for _ in range(2)]
+    yield made
+    for c in made:
+        io_loop.run_sync(lambda c=c: c.aclose(close_connection_pool=True))
 
 
-def test_window_is_anchored_at_the_first_event():
-    clock = Clock()
-    rl = RateLimiter(2, 60, clock=clock)
-    rl.hit("a")
-    clock.now += 50
-    rl.hit("a")
-    assert rl.retry_after("a") == pytest.approx(10.0)  # 60 s after the first event, not the last
+@pytest.mark.gen_test
+async def test_a_limit_holds_across_instances(clients, redis_sync):
+    a, b = (SharedLimit(c, "p:", "forcerefresh", 3) for c in clients)
+    assert await a.hit("shop/access_token") == 0.0
+    assert await b.hit("shop/access_token") == 0.0
+    assert await a.hit("shop/access_token") == 0.0
+    wait = await b.hit("shop/access_token")  # the fourth, in the other instance
+    assert 0 < wait <= 60
+    assert await b.hit("shop/ticket") == 0.0  # another key has its own budget
+    # Counted in Redis under the prefix, with the window's TTL.
+    keys = redis_sync.keys("p:wechat-token:limits*")
+    assert keys and all(0 < redis_sync.ttl(k) <= 60 for k in keys)
 
 
-def test_keys_are_independent():
-    rl = RateLimiter(1, 60, clock=Clock())
-    rl.hit("a")
-    assert rl.retry_after("a") > 0
-    assert rl.retry_after("b") == 0.0
-
-
-def test_acquire_counts_only_allowed_events():
-    clock = Clock()
-    rl = RateLimiter(2, 60, clock=clock)
-    assert rl.acquire("a") == 0.0
-    assert rl.acquire("a") == 0.0
+@pytest.mark.gen_test
+async def test_retry_after_counts_nothing_and_follows_the_window(clients, redis_sync):
+    a, b = (SharedLimit(c, "", "auth-failures", 2) for c in clients)
     for _ in range(5):
-        assert rl.acquire("a") == pytest.approx(60.0)  # refused calls do not extend the block
-    clock.now += 60
-    assert rl.acquire("a") == 0.0
+        assert await a.retry_after("10.0.0.1") == 0.0
+    await a.hit("10.0.0.1")
+    await a.hit("10.0.0.1")
+    assert 59 < await b.retry_after("10.0.0.1") <= 60
+    # The window ends (here: its key expires early): within CACHE_SECONDS, every instance lets it in.
+    for key in redis_sync.keys("wechat-token:limits*"):
+        redis_sync.pexpire(key, 1)
+    await asyncio.sleep(CACHE_SECONDS + 0.1)
+    assert await b.retry_after("10.0.0.1") == 0.0
 
 
-def test_asking_never_creates_keys():
-    rl = RateLimiter(1, 60, clock=Clock())
-    for i in range(1000):
-        assert rl.retry_after(f"10.0.{i // 256}.{i % 256}") == 0.0
-    assert len(rl) == 0
+@pytest.mark.gen_test(timeout=20)
+async def test_without_redis_each_process_counts_alone(tmp_path):
+    own = EmbeddedRedis(str(tmp_path), persistent=False)
+    own.start()
+    client = build_redis(RedisConfig(url=own.url, socket_timeout=0.5))
+    limit = SharedLimit(client, "", "forcerefresh", 2)
+    own.stop()
+    try:
+        assert await limit.hit("k") == 0.0
+        assert await limit.hit("k") == 0.0
+        assert await limit.hit("k") > 0  # still limited, in memory
+        assert await limit.retry_after("other") == 0.0
+    finally:
+        await client.aclose(close_connection_pool=True)
 
 
-def test_closed_windows_are_dropped():
-    clock = Clock()
-    rl = RateLimiter(5, 60, clock=clock)
-    for i in range(100):
-        rl.hit(f"k{i}")
-    assert len(rl) == 100
-    clock.now += 61
-    assert len(rl) == 0
-
-
-def test_memory_is_bounded_when_keys_rotate():
-    clock = Clock()
-    rl = RateLimiter(1, 60, max_keys=50, clock=clock)
-    rl.hit("victim")
-    for i in range(10_000):  # an attacker rotating addresses within one window
-        rl.hit(f"rotating-{i}")
-        assert len(rl._windows) <= 50
-    assert len(rl) == 50
-    assert rl.retry_after("rotating-9999") > 0  # the newest keys are kept, the oldest dropped
-    assert rl.retry_after("victim") == 0.0
-
-
-def test_rejects_nonsense_settings():
-    with pytest.raises(ValueError):
-        RateLimiter(0, 60)
-    with pytest.raises(ValueError):
-        RateLimiter(1, 0)
-
-
-@pytest.mark.parametrize("seconds, header", [(0.0, "1"), (0.2, "1"), (1.0, "1"), (1.01, "2"), (59.5, "60")])
-def test_retry_after_header_is_whole_seconds_rounded_up(seconds, header):
-    assert retry_after_header(seconds) == header
+def test_retry_after_header_is_whole_seconds_at_least_one():
+    assert retry_after_header(0.01) == "1"
+    assert retry_after_header(29.2) == "30"
+    assert retry_after_header(60) == "60"

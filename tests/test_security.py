@@ -8,6 +8,7 @@ limiters get a fake clock through the Authenticator the app was built with.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -25,6 +26,7 @@ from tornado.simple_httpclient import HTTPStreamClosedError
 
 from server.auth import Authenticator
 from server.config import ConfigError, load_config, parse_config
+from server.ratelimit import CACHE_SECONDS
 from server.redact import RedactFilter, Redactor, config_secrets
 from server.sandbox import DEFAULT_APPSECRET
 from tests.conftest import AUTH, TEST_SECRET, base_config
@@ -48,24 +50,17 @@ def watch_our_secrets(secret_watch):
     secret_watch.secrets.update({SHOP_SECRET, OPS_SECRET, KEY1, KEY2})
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+def failures_counted(redis_sync) -> int:
+    """Failed authentications counted in Redis's shared limit (all IPs)."""
+    return sum(int(redis_sync.get(k) or 0) for k in redis_sync.keys("wechat-token:limits*auth-failures*"))
 
 
-def gate(srv) -> Authenticator:
-    """The Authenticator the running app was built with."""
-    return srv.http.request_callback.settings["default_handler_args"]["auth"]
-
-
-def fake_clock(srv) -> Clock:
-    clock = Clock()
-    gate(srv).failures.clock = clock
-    gate(srv).forced.clock = clock
-    return clock
+async def limit_windows_end_in(redis_sync, seconds: float) -> None:
+    """Make every rate-limit window end in ``seconds`` (Redis keeps them as TTLs), then wait
+    until the instances' one-second caches of the counts have gone."""
+    for key in redis_sync.keys("wechat-token:limits*"):
+        redis_sync.pexpire(key, max(1, int(seconds * 1000)))
+    await asyncio.sleep(CACHE_SECONDS + 0.1)
 
 
 @pytest.fixture
@@ -207,13 +202,13 @@ BAD_TOKENS = {
 
 @pytest.mark.gen_test
 @pytest.mark.parametrize("case", sorted(BAD_TOKENS))
-async def test_bad_jwt_is_refused(case, make_config, start_server, call, secret_watch):
+async def test_bad_jwt_is_refused(case, make_config, start_server, call, secret_watch, redis_sync):
     srv = await start_server(make_config(clients=CLIENTS, jwt=JWT_CFG))
     token = BAD_TOKENS[case]()
     secret_watch.secrets.add(token)
     status, body = await call(srv.port, "/wechat/token", headers=bearer(token), type="access_token")
     assert (status, body) == (403, {"errcode": 403, "errmsg": "invalid token"})
-    assert gate(srv).failures.retry_after("127.0.0.1") == 0.0 and len(gate(srv).failures) == 1  # counted
+    assert failures_counted(redis_sync) == 1
 
 
 @pytest.mark.gen_test
@@ -314,7 +309,7 @@ async def test_forwarded_for_takes_the_rightmost_untrusted_hop(make_config, star
 
 
 @pytest.mark.gen_test
-async def test_refused_ip_learns_nothing_and_is_checked_first(make_config, start_server, fetch):
+async def test_refused_ip_learns_nothing_and_is_checked_first(make_config, start_server, fetch, redis_sync):
     # 127.0.0.1 as a probe IP reaches the gate (any other refused peer is closed at accept).
     srv = await start_server(make_config(server={"allow_ips": ["10.0.0.0/8"], "trusted_proxies": [], "probe_ips": ["127.0.0.1"]}))
     for headers in ({}, AUTH, {"X-Token-Secret": "wrong-wrong-wrong-wrong"}):
@@ -322,7 +317,7 @@ async def test_refused_ip_learns_nothing_and_is_checked_first(make_config, start
         assert (status, body["errmsg"]) == (403, "ip not allowed")
     status, body, _ = await fetch(srv.port, "/no/such/path", headers={})
     assert (status, body["errmsg"]) == (403, "ip not allowed")
-    assert len(gate(srv).failures) == 0  # refused before any credential was looked at
+    assert failures_counted(redis_sync) == 0  # refused before any credential was looked at
     assert (await fetch(srv.port, "/healthz", headers={}))[0] == 200  # probes stay possible
 
 
@@ -330,9 +325,8 @@ async def test_refused_ip_learns_nothing_and_is_checked_first(make_config, start
 
 
 @pytest.mark.gen_test
-async def test_ten_failures_then_429_even_for_the_right_secret_until_the_window_passes(make_config, start_server, fetch):
+async def test_ten_failures_then_429_even_for_the_right_secret_until_the_window_passes(make_config, start_server, fetch, redis_sync):
     srv = await start_server(make_config(clients=CLIENTS, jwt=JWT_CFG))
-    clock = fake_clock(srv)
     wrong = {"X-Token-Secret": TEST_SECRET + "x"}
     for i in range(9):
         status, body, _ = await fetch(srv.port, "/wechat/token", headers=wrong, type="access_token")
@@ -342,31 +336,29 @@ async def test_ten_failures_then_429_even_for_the_right_secret_until_the_window_
     for headers in (AUTH, wrong, bearer(make_jwt())):
         status, body, resp_headers = await fetch(srv.port, "/wechat/token", headers=headers, type="access_token")
         assert (status, body) == (429, {"errcode": 429, "errmsg": "too many failed authentications"})
-        assert resp_headers["Retry-After"] == "60"
+        assert resp_headers["Retry-After"] in ("59", "60")
     # another client IP is not affected
     assert (await fetch(srv.port, "/wechat/token", source_ip="127.0.0.2", type="access_token"))[0] == 200
-    clock.now += 30
+    await limit_windows_end_in(redis_sync, 30)
     status, _, resp_headers = await fetch(srv.port, "/status")
-    assert (status, resp_headers["Retry-After"]) == (429, "30")
-    clock.now += 30
+    assert status == 429 and resp_headers["Retry-After"] in ("28", "29", "30")
+    await limit_windows_end_in(redis_sync, 0)
     assert (await fetch(srv.port, "/wechat/token", type="access_token"))[0] == 200
 
 
 @pytest.mark.gen_test
-async def test_missing_credentials_and_successes_are_not_failures(make_config, start_server, fetch):
+async def test_missing_credentials_and_successes_are_not_failures(make_config, start_server, fetch, redis_sync):
     srv = await start_server(make_config())
-    fake_clock(srv)
     for _ in range(15):
         status, body, _ = await fetch(srv.port, "/wechat/token", headers={}, type="access_token")
         assert (status, body["errmsg"]) == (401, "missing secret")
         assert (await fetch(srv.port, "/wechat/token", type="access_token"))[0] == 200
-    assert len(gate(srv).failures) == 0
+    assert failures_counted(redis_sync) == 0
 
 
 @pytest.mark.gen_test
 async def test_failures_are_counted_per_client_ip_behind_a_proxy_and_per_ipv6_64(make_config, start_server, fetch):
     srv = await start_server(make_config())
-    fake_clock(srv)
 
     async def attempt(ip, headers):
         return (await fetch(srv.port, "/wechat/token", headers={**headers, "X-Real-IP": ip}, type="access_token"))[0]
@@ -383,44 +375,81 @@ async def test_failures_are_counted_per_client_ip_behind_a_proxy_and_per_ipv6_64
 # --- forced-refresh limit -----------------------------------------------------------------
 
 
-@pytest.mark.gen_test
-async def test_forced_refreshes_are_limited_per_client_but_stale_old_is_a_free_read(make_config, start_server, call, fetch, sandbox):
-    clients = [dict(CLIENTS[0]), {"name": "ops", "secret": OPS_SECRET, "sources": ["access_token"]}]
-    cfg = make_config(clients=clients, server={"forcerefresh_per_minute": 3}, refresh={"force_min_interval": 0})
+@pytest.mark.gen_test(timeout=30)
+async def test_only_forced_refreshes_that_call_upstream_count_per_client_and_source(make_config, start_server, call, fetch, sandbox, redis_sync):
+    clients = [dict(CLIENTS[0], sources=["access_token", "ticket"]), {"name": "ops", "secret": OPS_SECRET, "sources": ["access_token"]}]
+    cfg = make_config(clients=clients, server={"forcerefresh_per_minute": 3}, refresh={"force_min_interval": 600})
     srv = await start_server(cfg)
-    clock = fake_clock(srv)
     shop = {"X-Token-Secret": SHOP_SECRET}
     first = (await call(srv.port, "/wechat/token", headers=shop, type="access_token"))[1]["access_token"]
     calls = sandbox.calls["/cgi-bin/token"]
 
-    async def force(headers, old=None):
-        params = {"type": "access_token"} if old is None else {"type": "access_token", "old": old}
+    async def force(headers, old=None, source="access_token"):
+        params = {"type": source} if old is None else {"type": source, "old": old}
         return await fetch(srv.port, "/wechat/token/forcerefresh", headers=headers, **params)
 
-    # a crowd reporting a token that was already rotated: reads, no upstream call, not counted
+    # Reads, whatever their number: a stale old, and no old within force_min_interval.
     for _ in range(10):
         status, body, _ = await force(shop, old="an-old-token-someone-rotated")
         assert (status, body["access_token"]) == (200, first)
+        status, body, _ = await force(shop)
+        assert (status, body["access_token"]) == (200, first)
     assert sandbox.calls["/cgi-bin/token"] == calls
-    current = first
-    for _ in range(3):
+    # One client (the design's one shared secret is one client too): 100 callers with the
+    # same rejected token make one call and all get the new value; one count.
+    answers = await asyncio.gather(*(force(shop, old=first) for _ in range(100)))
+    assert {a[0] for a in answers} == {200}
+    current = answers[0][1]["access_token"]
+    assert current != first and {a[1]["access_token"] for a in answers} == {current}
+    assert sandbox.calls["/cgi-bin/token"] == calls + 1
+    for _ in range(2):
         status, body, _ = await force(shop, old=current)
         assert status == 200 and body["access_token"] != current
         current = body["access_token"]
     assert sandbox.calls["/cgi-bin/token"] == calls + 3
-    for old in (current, None):
-        status, body, headers = await force(shop, old=old)
-        assert (status, body["errmsg"], headers["Retry-After"]) == (429, "too many forced refreshes", "60")
+    # The fourth call in the minute is refused, and makes none.
+    status, body, headers = await force(shop, old=current)
+    assert (status, body["errmsg"]) == (429, "too many forced refreshes") and 0 < int(headers["Retry-After"]) <= 60
     assert sandbox.calls["/cgi-bin/token"] == calls + 3
-    # still free after the limit: a stale old is a read
+    # still free after the limit: reads
     status, body, _ = await force(shop, old=first)
     assert (status, body["access_token"]) == (200, current)
+    # the same client's other source has its own budget (the ticket is rejected too)
+    ticket = (await call(srv.port, "/wechat/token", headers=shop, type="ticket"))[1]["ticket"]
+    status, body, _ = await force(shop, old=ticket, source="ticket")
+    assert status == 200 and body["ticket"] != ticket
     # another client has its own budget
     status, body, _ = await force({"X-Token-Secret": OPS_SECRET}, old=current)
     assert status == 200 and body["access_token"] != current
     current = body["access_token"]
-    clock.now += 60
+    await limit_windows_end_in(redis_sync, 0)
     assert (await force(shop, old=current))[0] == 200
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_forced_refresh_limit_holds_across_instances(make_config, start_server, fetch, sandbox):
+    cfg = make_config(clients=CLIENTS, server={"forcerefresh_per_minute": 2}, refresh={"force_min_interval": 0})
+    a, b = await start_server(cfg), await start_server(cfg)
+    shop = {"X-Token-Secret": SHOP_SECRET}
+    statuses = []
+    for srv in (a, b, a, b):
+        status, body, _ = await fetch(srv.port, "/wechat/token", headers=shop, type="access_token")
+        status, body, _ = await fetch(srv.port, "/wechat/token/forcerefresh", headers=shop, type="access_token", old=body["access_token"])
+        statuses.append(status)
+    assert statuses == [200, 200, 429, 429], "N instances allowed N times the limit"
+    assert sandbox.calls["/cgi-bin/token"] == 3
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_failed_authentication_limit_holds_across_instances(make_config, start_server, fetch):
+    cfg = make_config()
+    a, b = await start_server(cfg), await start_server(cfg)
+    wrong = {"X-Token-Secret": "wrong-wrong-wrong-wrong"}
+    for i in range(10):
+        assert (await fetch((a, b)[i % 2].port, "/wechat/token", headers=wrong, type="access_token"))[0] == 403
+    await asyncio.sleep(CACHE_SECONDS + 0.1)
+    for srv in (a, b):
+        assert (await fetch(srv.port, "/wechat/token", type="access_token"))[0] == 429
 
 
 # --- nothing secret in responses, logs or reprs -------------------------------------------
@@ -487,10 +516,15 @@ def test_reprs_show_no_secret(make_config, redis_url):
 
     cfg = make_config(clients=CLIENTS, jwt=JWT_CFG, redis={"url": redis_url.replace("redis://", "redis://:url-pass-0123456789@"), "password": "redis-pass-0123456789"})
     source = Source(cfg.sources["access_token"])
+    from server.app import shared_limits
+    from server.store import Store, build_redis
+
+    store = Store(build_redis(cfg.redis), cfg.redis.prefix)  # no connection is made
+    auth = Authenticator(cfg, *shared_limits(store, cfg))
     shown = (
-        repr(cfg) + repr(Authenticator(cfg)) + repr(Authenticator(cfg).redact) + repr(source)
+        repr(cfg) + repr(auth) + repr(auth.redact) + repr(auth.failures) + repr(store) + repr(source)
         + repr(source.build_request({})) + repr(Fetched("WHOLE-TOKEN-VALUE-0123456789", 7200, "access_token"))
-        + repr(Entry("WHOLE-TOKEN-VALUE-0123456789", time.time() + 60, time.time(), 1, "access_token"))
+        + repr(Entry("WHOLE-TOKEN-VALUE-0123456789", time.monotonic() + 60, time.monotonic(), 1, "access_token"))
     )
     for secret in (TEST_SECRET, SHOP_SECRET, OPS_SECRET, KEY1, KEY2, "url-pass-0123456789", "redis-pass-0123456789",
                    "sandbox-appsecret-0123456789", "WHOLE-TOKEN-VALUE-0123456789"):
