@@ -268,13 +268,21 @@ class Authenticator:
         if credential is None:
             raise AuthError(401, "missing secret")
         where, value = credential
+        # This process's own count, checked with no await before the comparison (and the
+        # failure counted with none after it): a burst of concurrent guesses cannot all be
+        # compared before the first wrong one is counted.
+        wait = self.failures.over_here(key)
+        if wait > 0:
+            raise AuthError(429, "too many failed authentications", f"ip {key} over its failure limit", retry_after=wait)
         try:
             if where == "bearer" and self._jwt is not None and JWT_SHAPE_RE.match(value):
                 return self._verify_jwt(value)
             return self._match_secret(value)
         except AuthError as e:
-            await self.failures.hit(key)
             e.detail = f"{e.detail} ({where}) from {ip}"
+            wait = await self.failures.hit(key)
+            if wait > 0:
+                raise AuthError(429, "too many failed authentications", e.detail, retry_after=wait) from None
             raise
 
     def _match_secret(self, secret: str) -> Principal:

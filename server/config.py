@@ -108,6 +108,7 @@ class RefreshConfig:
     timeout: float = opt(10.0, "seconds for one upstream request")
     force_min_interval: float = opt(30.0, "seconds after a fetch during which a forced refresh returns that value")
     backoff_max: float = opt(300.0, "seconds: cap of the exponential backoff after failed fetches")
+    overlap: float = opt(300.0, "seconds WeChat keeps the previous token valid after issuing a new one: a stored token whose successor may have been issued (a lost answer) lives no longer than this; WeChat's is 300, change it only for a simulator")
 
 
 @dataclass(frozen=True)
@@ -357,7 +358,7 @@ def validate(cfg: Config) -> Config:
             cfg.server.host,
         )
     r = cfg.refresh
-    for key in ("interval", "ahead", "max_ttl", "timeout", "backoff_max"):
+    for key in ("interval", "ahead", "max_ttl", "timeout", "backoff_max", "overlap"):
         if getattr(r, key) <= 0:
             raise ConfigError(f"refresh.{key}: must be a positive number of seconds")
     if r.force_min_interval < 0:

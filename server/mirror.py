@@ -10,11 +10,16 @@ source is checked at once, since whatever lost one value probably lost them all.
 
 A value Redis says was superseded (a higher version with no value: it was replaced and
 expired, or WeChat rejected it) is forgotten here too.
+
+A value's life only ever shortens (a lost answer caps it): Redis holding the same version
+with a longer life (it came back from an old dump, or its clock stepped back) is cut back to
+memory's, and memory never takes the longer one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +34,7 @@ logger = logging.getLogger(__name__)
 REDIS_RETRY_DELAY = 1.0  # seconds during which reads skip Redis after a Redis error
 READ_WAIT = 0.5  # seconds a request with a valid value in memory waits for Redis
 MIN_PUT_BACK_LIFE = 1.0  # seconds: a value closer to its expiry than this is not put back
+LIFE_SLACK = 1.0  # seconds a life read from Redis may exceed memory's before it is cut back
 
 
 class Mirror:
@@ -131,6 +137,12 @@ class Mirror:
                 logger.warning("source %s: redis lacked the newest value (version %d); put it back from memory", name, mem.version)
                 self.check_soon()  # whatever lost this value probably lost the others too
             snap = await self.store.read(name)
+        elif mem is not None and snap.entry is not None and snap.entry.version == mem.version and (
+            snap.entry.remaining() > mem.remaining() + LIFE_SLACK
+        ):
+            if await self.store.cap_life(name, mem.value, max(0.001, mem.remaining())):
+                logger.warning("source %s: redis gave the value a longer life than it has (an old copy, or its clock stepped); cut back", name)
+            snap = await self.store.read(name)
         self.adopt(name, snap)
         return snap
 
@@ -151,10 +163,10 @@ class Mirror:
         if not held:
             return
         try:
-            versions = await self.store.versions(list(held))
+            stored = await self.store.versions(list(held))
             for name, entry in held.items():
-                stored = versions[name]
-                if stored is None or stored < entry.version:
+                found = stored[name]
+                if found is None or found[0] < entry.version or (found[0] == entry.version and found[1] > entry.remaining() + LIFE_SLACK):
                     await self.read_now(name)
         except RedisError as e:
             self._redis_failed(e)
@@ -174,7 +186,10 @@ class Mirror:
                     state.healthy()
                     if newer:
                         state.stale_recovery_failed = False
-                state.entry = snap.entry
+                entry = snap.entry
+                if not newer and known is not None and known.expires_at < entry.expires_at:
+                    entry = dataclasses.replace(entry, expires_at=known.expires_at)  # a life never grows
+                state.entry = entry
         elif known is not None and snap.version > known.version:
             # Superseded: replaced by a value that has expired since, or rejected by WeChat.
             state.entry = None

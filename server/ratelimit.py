@@ -10,14 +10,16 @@ hand-written window.
 Fixed windows of one minute (``limits``' FixedWindowRateLimiter): at most ``2 * limit - 1``
 events can fall in a 60-second span straddling two windows, fine for these limits.
 
-While Redis is unreachable or slow (no answer within ``REDIS_WAIT``) the counts fall back
-to this process's memory (``limits``' MemoryStorage) for a second: the auth path keeps
-working without Redis, at N times the limit, and a hung Redis slows no request.
+The shared count is cached for ``CACHE_SECONDS`` per key, since ``retry_after`` sits on the
+path of every authenticated request: a request costs Redis one round trip per key and
+second, and a key over its limit in one instance is refused by every other one within that
+second.  Events (``hit``) always go to Redis, and while one is on its way it is counted as
+pending, so a burst of concurrent requests cannot all slip through before the first of them
+is counted (``over_here`` is checked without a round trip, right before the guarded work).
 
-Reads of a count (``retry_after``) sit on the path of every authenticated request, so
-they are cached for ``CACHE_SECONDS`` per key: a request costs Redis one round trip per
-key and second, and an IP over its limit in one instance is refused by every other one
-within that second.  Events (``hit``) always go to Redis.
+While Redis is unreachable or slow (no answer within ``REDIS_WAIT``), each process counts
+alone in memory (``limits``' MemoryStorage) for a second at a time: the auth path keeps
+working without Redis, at N times the limit, and a hung Redis slows no request.
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from limits import RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage, RedisStorage
+from limits import strategies as sync_strategies
+from limits.aio.storage import RedisStorage
 from limits.aio.strategies import FixedWindowRateLimiter
+from limits.storage import MemoryStorage
 from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
@@ -50,9 +55,16 @@ class RedisSlow(Exception):
     """Redis did not answer within REDIS_WAIT (the command goes on in the background)."""
 
 
+@dataclass
+class _Count:
+    believed_until: float  # monotonic
+    remaining: int  # events left in the window, by Redis's count
+    reset: float  # unix time the window ends (limits keeps it so)
+
+
 class SharedLimit:
     """At most ``per_minute`` events per key per minute, counted in Redis under
-    ``<prefix>wechat-token:limits:`` (in memory while Redis is unreachable)."""
+    ``<prefix>wechat-token:limits:`` (see the module docstring)."""
 
     def __init__(self, redis: aioredis.Redis, prefix: str, name: str, per_minute: int) -> None:
         self.name = name
@@ -62,40 +74,55 @@ class SharedLimit:
         pool: Any = redis.connection_pool
         storage = RedisStorage("async+redis://", implementation="redispy", connection_pool=pool, key_prefix=f"{prefix}wechat-token:limits")
         self._shared = FixedWindowRateLimiter(storage)
-        self._local = FixedWindowRateLimiter(MemoryStorage())
-        self._cache: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (believed until, wait)
+        self._alone = sync_strategies.FixedWindowRateLimiter(MemoryStorage())  # while Redis is away
+        self._counts: OrderedDict[str, _Count] = OrderedDict()
+        self._pending: dict[str, int] = {}  # events on their way to Redis
         self._redis_down_logged = False
         self._skip_redis_until = 0.0  # monotonic
 
     def __repr__(self) -> str:
         return f"SharedLimit({self.name}, {self.item})"
 
+    def over_here(self, key: str) -> float:
+        """Seconds to wait by what this process knows now (the cached count less the events
+        on their way), with no round trip: 0.0 when ``key`` may have another event."""
+        count = self._counts.get(key)
+        if count is None or count.remaining - self._pending.get(key, 0) > 0:
+            return 0.0
+        return max(0.001, count.reset - time.time())
+
     async def retry_after(self, key: str) -> float:
         """Seconds until ``key`` may have another event; 0.0 when it may now (nothing counted)."""
-        now = time.monotonic()
-        cached = self._cache.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        try:
-            wait = await self._redis(lambda: self._wait(self._shared, key))
-        except (RedisError, RedisSlow) as e:
-            self._redis_failed(e)
-            wait = await self._wait(self._local, key)
-        self._remember(key, now, wait)
-        return wait
+        count = self._counts.get(key)
+        if count is None or count.believed_until <= time.monotonic():
+            try:
+                reset, remaining = await self._redis(lambda: self._shared.get_window_stats(self.item, self.name, key))
+                self._remember(key, remaining, reset)
+            except (RedisError, RedisSlow) as e:
+                self._redis_failed(e)
+                if self._alone.test(self.item, self.name, key):
+                    return 0.0
+                return max(0.001, self._alone.get_window_stats(self.item, self.name, key)[0] - time.time())
+        return self.over_here(key)
 
     async def hit(self, key: str) -> float:
         """Count one event for ``key`` if the limit allows it and return 0.0; else the
         seconds to wait (nothing counted)."""
+        self._pending[key] = self._pending.get(key, 0) + 1
         try:
             allowed = await self._redis(lambda: self._shared.hit(self.item, self.name, key))
-            limiter = self._shared
+            reset, remaining = await self._redis(lambda: self._shared.get_window_stats(self.item, self.name, key))
+            self._remember(key, remaining, reset)
         except (RedisError, RedisSlow) as e:
             self._redis_failed(e)
-            allowed, limiter = await self._local.hit(self.item, self.name, key), self._local
-        wait = 0.0 if allowed else await self._wait(limiter, key)
-        self._cache.pop(key, None)  # the next read asks again
-        return wait
+            if self._alone.hit(self.item, self.name, key):
+                return 0.0
+            return max(0.001, self._alone.get_window_stats(self.item, self.name, key)[0] - time.time())
+        finally:
+            self._pending[key] -= 1
+            if not self._pending[key]:
+                del self._pending[key]
+        return 0.0 if allowed else max(0.001, reset - time.time())
 
     async def _redis(self, command: Callable[[], Awaitable[T]]) -> T:
         """``command()``'s result within REDIS_WAIT seconds; RedisSlow after that (the command
@@ -112,17 +139,11 @@ class SharedLimit:
         self._redis_back()
         return result
 
-    async def _wait(self, limiter: FixedWindowRateLimiter, key: str) -> float:
-        if await limiter.test(self.item, self.name, key):
-            return 0.0
-        reset, _ = await limiter.get_window_stats(self.item, self.name, key)
-        return max(0.0, reset - time.time())  # limits keeps the window's end as a unix time
-
-    def _remember(self, key: str, now: float, wait: float) -> None:
-        self._cache[key] = (now + CACHE_SECONDS, wait)
-        self._cache.move_to_end(key)
-        while len(self._cache) > MAX_CACHED_KEYS:
-            self._cache.popitem(last=False)
+    def _remember(self, key: str, remaining: int, reset: float) -> None:
+        self._counts[key] = _Count(time.monotonic() + CACHE_SECONDS, remaining, reset)
+        self._counts.move_to_end(key)
+        while len(self._counts) > MAX_CACHED_KEYS:
+            self._counts.popitem(last=False)
 
     def _redis_failed(self, e: Exception) -> None:
         self._skip_redis_until = time.monotonic() + REDIS_RETRY_DELAY

@@ -69,7 +69,6 @@ from server.upstream import ErrorKind, Upstream, UpstreamError
 
 logger = logging.getLogger(__name__)
 
-PREVIOUS_TOKEN_LIFE = 300.0  # seconds WeChat keeps the previous token valid after a new one
 CHECK_INTERVAL = 1.0  # seconds between checks that Redis still holds every value memory holds
 MAX_TIMEOUT_GROWTH = 3  # after lost answers a call waits up to 2**3 times refresh.timeout
 
@@ -314,13 +313,28 @@ class Refresher:
                 if state.blocked(now) is None and now >= state.retry_at:
                     self._spawn(self._attempt(other))
 
-    def _timeout(self, snap: Snapshot | None) -> float:
+    def _lost(self, name: str, snap: Snapshot | None) -> int:
+        """Answers lost in a row: the instances' count in Redis, or this process's if higher
+        (Redis may have lost its count with its data)."""
+        return max(snap.lost if snap is not None else 0, self.states[name].lost_answers)
+
+    def _timeout(self, name: str, snap: Snapshot | None) -> float:
         """Seconds to wait for an answer: ``refresh.timeout``, doubled for each answer lost in a
-        row (up to 2**MAX_TIMEOUT_GROWTH times): a WeChat slower than the timeout issues a
-        token on every call we give up on, so the retry must wait longer than the call it
-        lost."""
-        lost = min(snap.lost, MAX_TIMEOUT_GROWTH) if snap is not None else 0
-        return self.cfg.timeout * 2**lost
+        row (up to 2**MAX_TIMEOUT_GROWTH times), or as often as the last answered call needed:
+        a WeChat slower than the timeout issues a token on every call we give up on, so the
+        retry must wait longer than the call it lost, and the next rotation as long at once."""
+        doublings = min(max(self._lost(name, snap), snap.slow if snap is not None else 0), MAX_TIMEOUT_GROWTH)
+        return self.cfg.timeout * 2**doublings
+
+    async def _learn_slowness(self, name: str, timeout: float, took: float, known: int) -> None:
+        """After an answered call: keep the longer timeout while WeChat needs it, forget it
+        once an answer comes within ``refresh.timeout``."""
+        doublings = 0 if took <= self.cfg.timeout else round(math.log2(timeout / self.cfg.timeout))
+        if doublings != known:
+            try:
+                await self.store.set_slow(name, doublings)
+            except RedisError:
+                pass
 
     @staticmethod
     def _lease(timeout: float) -> float:
@@ -343,9 +357,9 @@ class Refresher:
         self._gate(name, want, snap)
         # Dependencies first, so this source's lock is never held while waiting for them.
         values = await self._dependency_values(name)
-        timeout = self._timeout(snap)
-        lease_seconds = self._lease(timeout)
-        deadline = time.monotonic() + lease_seconds + timeout
+        expected = self._timeout(name, snap)
+        lease_seconds = self._lease(expected)
+        deadline = time.monotonic() + lease_seconds + expected
         while True:
             known = state.entry.version if state.entry is not None else 0
             try:
@@ -371,12 +385,20 @@ class Refresher:
             if fresh := self._fresh(name, want):
                 return fresh
             self._gate(name, want, snap)
-            if snap.lost >= 2 and snap.entry is not None:
+            timeout = self._timeout(name, snap)
+            if self._lost(name, snap) >= 2 and snap.entry is not None:
+                await self._keep_lock(name, lease.token, self.cfg.timeout + self._lease(timeout))
                 await self._verify(name, snap.entry)
             if want.permit is not None:
                 await want.permit()
+            # Answers lost while we waited for the lock make the call longer than the lease
+            # taken for it: renew it for this call.
+            await self._keep_lock(name, lease.token, self._lease(timeout))
             calling = True
-            return await self._fetch_and_store(name, want.force, values, lease, self._timeout(snap))
+            started = time.monotonic()
+            entry = await self._fetch_and_store(name, want.force, values, lease, timeout)
+            await self._learn_slowness(name, timeout, time.monotonic() - started, snap.slow)
+            return entry
         except UpstreamError as e:
             if e.kind is ErrorKind.QUOTA and want.force and self.sources[name].cfg.force:
                 # stable_token: 45009 to force_refresh means the 20 forced calls of the day
@@ -388,12 +410,14 @@ class Refresher:
             # Announce before releasing the lock, so no other instance slips a call in.
             await self._announce(name, e, snap, lost)
             if lost:
+                state.lost_answers += 1
                 await self._answer_lost(name)
             raise
         except asyncio.CancelledError:
             # Cancelled (a shutdown gave up waiting) while the call was in the air: the
             # answer is lost as surely as after a timeout.
             if calling and self._rotates(name, want):
+                state.lost_answers += 1
                 await asyncio.shield(self._answer_lost(name))
             raise
         finally:
@@ -414,12 +438,12 @@ class Refresher:
         if entry is None:
             return
         try:
-            if await self.store.cap_life(name, entry.value, PREVIOUS_TOKEN_LIFE):
+            if await self.store.cap_life(name, entry.value, self.cfg.overlap):
                 await self.mirror.read_now(name)
-                logger.warning("source %s: an answer was lost; the stored value may be WeChat's previous one: its life is cut to %.0fs", name, PREVIOUS_TOKEN_LIFE)
+                logger.warning("source %s: an answer was lost; the stored value may be WeChat's previous one: its life is cut to %.0fs", name, self.cfg.overlap)
         except RedisError:
-            if entry.remaining() > PREVIOUS_TOKEN_LIFE:
-                self.states[name].entry = dataclasses.replace(entry, expires_at=time.monotonic() + PREVIOUS_TOKEN_LIFE)
+            if entry.remaining() > self.cfg.overlap:
+                self.states[name].entry = dataclasses.replace(entry, expires_at=time.monotonic() + self.cfg.overlap)
 
     async def _verify(self, name: str, entry: Entry) -> None:
         """After two lost answers in a row WeChat has probably issued two values we never saw,
@@ -456,7 +480,7 @@ class Refresher:
             values = await self._dependency_values(name)
         if want.permit is not None:
             await want.permit()
-        return await self._fetch_and_store(name, want.force, values, None, self.cfg.timeout)
+        return await self._fetch_and_store(name, want.force, values, None, self._timeout(name, None))
 
     async def _announce(self, name: str, err: UpstreamError, snap: Snapshot, lost: bool) -> None:
         """Tell the other instances: back off (transient), or make no call (fatal, quota)."""
@@ -541,7 +565,7 @@ class Refresher:
         if state.failures or state.block:
             logger.info("source %s: recovered after %d failed attempts", name, state.failures)
         state.healthy()
-        state.block, state.stale_recovery_failed = None, False
+        state.block, state.stale_recovery_failed, state.lost_answers = None, False, 0
 
     async def _fenced_out(self, name: str, fetched: Fetched) -> Entry:
         """A value fetched after ours (a higher version: our lock expired while our slow
@@ -550,7 +574,7 @@ class Refresher:
         if snap.entry is not None and snap.entry.value != fetched.value:
             # WeChat may have issued ours after theirs (requests cross on the way), making
             # theirs the "previous" token, valid 5 more minutes only.  Let it be refreshed soon.
-            await self.store.cap_life(name, snap.entry.value, PREVIOUS_TOKEN_LIFE)
+            await self.store.cap_life(name, snap.entry.value, self.cfg.overlap)
             snap = await self.mirror.read_now(name)
         logger.warning("source %s: a value fetched after ours was stored while our fetch ran; keeping it, discarding ours", name)
         if snap.entry is None:

@@ -85,6 +85,7 @@ class SourceState:
     upstream_calls: int = 0
     flight: asyncio.Future[Entry] | None = None  # the fetch under way (single flight)
     stale_recovery_failed: bool = False  # 40001 again after refreshing the dependency
+    lost_answers: int = 0  # calls in a row whose answer this process lost (Redis's NAME:lost may be lost with its data)
     force_spent_until: float = 0.0  # 45009 on a forced call (stable_token: 20 a day): no forced call before this
     retry_handle: object | None = None
 

@@ -26,6 +26,10 @@ Layout for a source ``NAME`` under the configured ``prefix`` (source names canno
     answer may have issued a token nobody received); the counts are deleted by the next
     stored value.  Several instances back off together, the delay growing with the
     failures of all of them, and wait longer for an answer after answers were lost.
+``<prefix>NAME:slow``
+    How many times ``refresh.timeout`` was doubled for the last call that got its answer
+    (kept an hour): while WeChat stays slow, the next rotation waits as long at once
+    instead of losing answers again.
 
 **The order of values survives the loss of Redis's data.**  A version is a hybrid clock
 in microseconds: when a process takes the lock to fetch, it gets
@@ -97,20 +101,24 @@ return s
 
 # KEYS[1] value, KEYS[2] meta, KEYS[3] backoff, KEYS[4] failures, KEYS[5] blocked, KEYS[6] lost
 # ARGV[1] value, ARGV[2] TTL in ms, ARGV[3] its version, ARGV[4] seconds since it was fetched,
-# ARGV[5] field, ARGV[6] 1 = put back (the same version may return when its key alone is gone)
-# Stores the value if its version is above the stored one (fencing).  A stored newer value
-# ends any backoff or block the instances were following.  Returns 1, or 0 when fenced out.
+# ARGV[5] field, ARGV[6] 1 = put back
+# Stores the value if its version is above the stored one (fencing), or equal to it with no
+# value stored: a put-back of a value whose key alone was lost, or the fetch that follows a
+# drop (which raised the version by one, to at most the lease of the fetch under way; lease
+# versions are unique, so no other value can have it).  A fetched value, and a put-back
+# newer one, end any backoff or block the instances were following.  Returns 1, or 0 when
+# fenced out.
 _WRITE_LUA = _NOW + """
 local current = tonumber(redis.call('HGET', KEYS[2], 'version') or '0') or 0
 local v = tonumber(ARGV[3])
-if v < current or (v == current and (ARGV[6] ~= '1' or redis.call('EXISTS', KEYS[1]) == 1)) then
+if v < current or (v == current and redis.call('EXISTS', KEYS[1]) == 1) then
   return 0
 end
 local fetched = now - tonumber(ARGV[4])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], 'version', ARGV[3], 'fetched_at', string.format('%.6f', fetched),
            'expires_at', string.format('%.6f', now + tonumber(ARGV[2]) / 1000), 'field', ARGV[5], 'same_until', 0)
-if v > current then
+if v > current or ARGV[6] ~= '1' then
   redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 end
 return 1
@@ -143,17 +151,16 @@ return 0
 """
 
 # KEYS[1] value key, KEYS[2] meta key; ARGV[1] value.  Deletes the value if it is still
-# the stored one (WeChat rejected it) and raises the version above it, so no instance puts
-# its copy back and every instance stops serving it.
+# the stored one (WeChat rejected it) and raises the version by one, so no instance puts its
+# copy back and every instance stops serving it; every lease handed out since that value
+# was stored is at least that high, so the fetch under way still lands.
 _DROP_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
-local v = math.max(tonumber(redis.call('HGET', KEYS[2], 'version') or '0') or 0,
-                   tonumber(redis.call('HGET', KEYS[2], 'claimed') or '0') or 0) + 1
-local s = string.format('%.0f', v)
-redis.call('HSET', KEYS[2], 'version', s, 'claimed', s)
+local v = (tonumber(redis.call('HGET', KEYS[2], 'version') or '0') or 0) + 1
+redis.call('HSET', KEYS[2], 'version', string.format('%.0f', v))
 return 1
 """
 
@@ -249,6 +256,7 @@ class Snapshot:
     blocked: Block | None = None  # set by the instance that got a fatal error or 45009
     blocked_for: float = float("inf")  # seconds until the block ends by itself
     lost: int = 0  # consecutive calls whose answer was lost
+    slow: int = 0  # times refresh.timeout was doubled for the last answered call
 
 
 def build_redis(cfg: RedisConfig, url: str | None = None) -> aioredis.Redis:
@@ -338,9 +346,10 @@ class Store:
             pipe.get(key + ":blocked")
             pipe.pttl(key + ":blocked")
             pipe.get(key + ":lost")
+            pipe.get(key + ":slow")
             (
                 (seconds, micros), value, pttl, (version, fetched_at, field, same_until),
-                failures, backoff_ms, blocked, blocked_ms, lost,
+                failures, backoff_ms, blocked, blocked_ms, lost, slow,
             ) = await pipe.execute()
         mono = time.monotonic()
         now = float(seconds) + micros / 1e6
@@ -353,6 +362,7 @@ class Store:
             blocked=block,
             blocked_for=blocked_ms / 1000.0 if block is not None and blocked_ms and blocked_ms > 0 else float("inf"),
             lost=int(_number(lost)),
+            slow=int(_number(slow)),
         )
         if value is None or pttl is None or pttl <= 0:
             return Snapshot(None, v, **extra)  # type: ignore[arg-type]
@@ -426,6 +436,15 @@ class Store:
                 pipe.expire(key + ":lost", 3600)
             await pipe.execute()
 
+    async def set_slow(self, name: str, doublings: int) -> None:
+        """Remember (an hour) how many times ``refresh.timeout`` was doubled for the last
+        call that got its answer; 0 forgets it."""
+        key = self.key(name) + ":slow"
+        if doublings > 0:
+            await self.redis.set(key, str(doublings), ex=3600)
+        else:
+            await self.redis.delete(key)
+
     async def acquire(self, name: str, lease: float, known: int = 0) -> Lease | None:
         """Take the refresh lock of ``name`` for ``lease`` seconds; None when another holds it.
 
@@ -448,11 +467,15 @@ class Store:
     async def locked(self, name: str) -> bool:
         return bool(await self.redis.exists(self.key(name) + ":lock"))
 
-    async def versions(self, names: list[str]) -> dict[str, int | None]:
-        """Per source, the version of the value Redis holds, None when it holds none (one round trip)."""
+    async def versions(self, names: list[str]) -> dict[str, tuple[int, float] | None]:
+        """Per source, the version and remaining life (seconds) of the value Redis holds, None
+        when it holds none (one round trip)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.exists(self.key(name))
+                pipe.pttl(self.key(name))
                 pipe.hget(self.key(name) + ":meta", "version")
             raw = await pipe.execute()
-        return {name: int(_number(raw[2 * i + 1])) if raw[2 * i] else None for i, name in enumerate(names)}
+        return {
+            name: (int(_number(raw[2 * i + 1])), raw[2 * i] / 1000.0) if raw[2 * i] is not None and raw[2 * i] > 0 else None
+            for i, name in enumerate(names)
+        }

@@ -9,6 +9,7 @@ libfaketime in a server process of its own (its monotonic clock untouched).
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import signal
 import time
@@ -20,7 +21,8 @@ from helpers_procs import proc_config, wait_until
 from server.embedded_redis import EmbeddedRedis, free_port
 from server.sandbox import CALLBACK_IP_PATH, TOKEN_PATH
 
-LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+#: Debian's faketime package, wherever its architecture puts it
+LIBFAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), "")
 
 
 @pytest.fixture
@@ -42,7 +44,7 @@ def kill(server: EmbeddedRedis) -> None:
 def faked_clock(offset_file) -> dict[str, str]:
     """Environment for a process whose wall clock is shifted by the seconds in ``offset_file``
     (re-read on every call, so a test can step it), its monotonic clock left alone."""
-    if not os.path.exists(LIBFAKETIME):
+    if not LIBFAKETIME or not os.path.exists(LIBFAKETIME):
         pytest.skip("libfaketime is not installed (Debian package faketime)")
     return {
         "LD_PRELOAD": LIBFAKETIME,
@@ -191,6 +193,13 @@ async def test_a_slow_wechat_does_not_leave_a_dead_token_served(start_server, ma
     assert not dead_at or dead_at[-1] - dead_at[0] < 6, f"dead token served over {dead_at[-1] - dead_at[0]:.1f}s"
     assert sandbox.calls[CALLBACK_IP_PATH] >= 1, "the stored token was never checked with WeChat"
     assert sandbox.calls[TOKEN_PATH] <= 6, f"{sandbox.calls[TOKEN_PATH]} token calls to converge"
+    # WeChat is still slow: the next rotation waits as long as the last answered call needed,
+    # at once, instead of losing answers again.
+    calls = sandbox.calls[TOKEN_PATH]
+    status, body = await call(srv.port, "/wechat/token", type="access_token")
+    status, body = await call(srv.port, "/wechat/token/forcerefresh", type="access_token", old=body["access_token"])
+    assert status == 200 and sandbox.token_status(body["access_token"]) == 0
+    assert sandbox.calls[TOKEN_PATH] == calls + 1
 
 
 # --- item 5: old = the current value rotates, even within force_min_interval ----------------
@@ -274,4 +283,48 @@ async def test_an_emptied_redis_gets_every_value_back_without_a_request(start_se
     # No request reaches the server: direct readers alone depend on the put-back.
     await wait_until(lambda: r.get("access_token") == token and r.get("ticket") == ticket, 4, "both values back in Redis")
     assert dict(sandbox.calls) == calls
+    r.close()
+
+
+# --- found by review: the drop, and a life that came back longer -----------------------------
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_fetch_after_a_dropped_token_lands(start_server, make_config, call, sandbox):
+    # Two lost answers: the third attempt checks the stored token, drops it (WeChat rejects
+    # it), and its own fetch must then be stored, not fenced out by the drop.
+    cfg = make_config(refresh={"interval": 0.5, "timeout": 1, "backoff_max": 2, "force_min_interval": 0})
+    srv = await start_server(cfg)
+    status, body = await call(srv.port, "/wechat/token", type="access_token")
+    first = body["access_token"]
+    sandbox.inject(TOKEN_PATH, "hang", times=2, delay=2.5)
+    status, _ = await call(srv.port, "/wechat/token/forcerefresh", type="access_token", old=first)
+    assert status == 503
+    await wait_until(lambda: sandbox.calls[TOKEN_PATH] == 4, 20, "the call after the check")
+    await asyncio.sleep(1.0)
+    status, body = await call(srv.port, "/wechat/token", type="access_token")
+    assert status == 200 and body["access_token"] == sandbox.current_token(), f"{status} {body}"
+    assert sandbox.calls[CALLBACK_IP_PATH] >= 1
+    assert sandbox.calls[TOKEN_PATH] == 4, "the fetch after the drop was discarded and made again"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_rolled_back_redis_does_not_give_a_capped_token_its_life_back(start_server, make_config, call, sandbox, own_redis):
+    cfg = make_config(redis={"url": own_redis.url, "socket_timeout": 0.5}, refresh={"timeout": 1, "backoff_max": 60, "force_min_interval": 0})
+    srv = await start_server(cfg)
+    r = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    stored = r.get("access_token")
+    r.save()  # the dump holds the stored token with its whole life
+    sandbox.inject(TOKEN_PATH, "hang", delay=2.5)
+    sandbox.inject(TOKEN_PATH, "busy", times=None)  # then WeChat is busy: the capped token stays stored
+    status, _ = await call(srv.port, "/wechat/token/forcerefresh", type="access_token", old=stored)
+    assert status == 503  # the answer is lost: the stored token may now be WeChat's previous one
+    assert r.pttl("access_token") <= 300_000
+    kill(own_redis)
+    own_redis.start()  # from the dump: the same version, with its old life
+    assert r.pttl("access_token") > 300_000
+    await wait_until(lambda: 0 < r.pttl("access_token") <= 300_000, 4, "the life to be cut back in Redis")
+    status, body = await call(srv.port, "/wechat/token", type="access_token")
+    assert status == 200 and body["access_token"] == stored and body["expires_in"] <= 300
+    sandbox.clear_faults()
     r.close()

@@ -441,6 +441,15 @@ async def test_the_forced_refresh_limit_holds_across_instances(make_config, star
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_burst_of_concurrent_guesses_gets_no_more_than_the_limit_compared(make_config, start_server, fetch):
+    srv = await start_server(make_config(server={"auth_failures_per_minute": 3}))
+    wrong = {"X-Token-Secret": "wrong-wrong-wrong-wrong"}
+    answers = await asyncio.gather(*(fetch(srv.port, "/wechat/token", headers=wrong, type="access_token") for _ in range(300)))
+    statuses = [a[0] for a in answers]
+    assert statuses.count(403) == 3 and statuses.count(429) == 297, {s: statuses.count(s) for s in set(statuses)}
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_the_failed_authentication_limit_holds_across_instances(make_config, start_server, fetch):
     cfg = make_config()
     a, b = await start_server(cfg), await start_server(cfg)

@@ -192,4 +192,7 @@ async def test_versions_reports_missing_values_in_one_round_trip(store, redis_sy
     lease = await store.acquire("a", lease=5)
     assert lease is not None
     await store.write("a", entry("A", lease.version))
-    assert await store.versions(["a", "b"]) == {"a": lease.version, "b": None}
+    found = await store.versions(["a", "b"])
+    assert found["b"] is None and found["a"] is not None
+    version, life = found["a"]
+    assert version == lease.version and 99 < life <= 100
