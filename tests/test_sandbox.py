@@ -6,6 +6,7 @@ that the tests advance, so nothing sleeps except the one "hang" fault test.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +24,14 @@ from typing import Any
 import pytest
 from tornado.simple_httpclient import HTTPTimeoutError
 
-from server.sandbox import DEFAULT_APPSECRET, DEFAULT_CORPSECRET, Sandbox, make_app
+from server.sandbox import (
+    API_PATHS,
+    DEFAULT_APPSECRET,
+    DEFAULT_CORPSECRET,
+    MAX_BODY_BYTES,
+    Sandbox,
+    make_app,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # 2024-03-10 12:00 in China (04:00 UTC): mid-day, so advancing a few hours keeps the same day.
@@ -55,8 +63,10 @@ def sandbox_kwargs() -> dict[str, Any]:
 
 
 @pytest.fixture
-def sandbox(clock: FakeClock, sandbox_kwargs: dict[str, Any]) -> Sandbox:
-    return Sandbox(clock=clock, **sandbox_kwargs)
+def sandbox(clock: FakeClock, sandbox_kwargs: dict[str, Any], secret_watch: Any) -> Sandbox:
+    sb = Sandbox(clock=clock, **sandbox_kwargs)
+    secret_watch.sandboxes.append(sb)  # a whole token in any log line fails the test
+    return sb
 
 
 @pytest.fixture
@@ -599,6 +609,427 @@ def test_cli_prints_url_serves_and_exits_on_sigterm() -> None:
         assert proc.returncode == 0, stderr
         assert stdout == ""  # exactly one line on stdout
         assert "cli-secret" not in stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+# -- several accounts at once ------------------------------------------------------------------
+
+MP_SECRET = "sandbox-second-mp-secret-0123"
+MINI_SECRET = "sandbox-mini-program-secret-0123"
+CORP_APP_SECRET = "sandbox-corp-app2-secret-0123"
+OTHER_CORP_SECRET = "sandbox-other-corp-secret-0123"
+ACCOUNTS = {"wx123": DEFAULT_APPSECRET, "wxmp2": MP_SECRET, "wxmini": MINI_SECRET}
+CORP_APPS = {"ww123": {"1000005": CORP_APP_SECRET}, "ww999": {"1000002": OTHER_CORP_SECRET}}
+SEVERAL = {"apps": ACCOUNTS, "corp_apps": CORP_APPS}
+
+
+@pytest.mark.parametrize("sandbox_kwargs", [{**SEVERAL, "daily_quota": 2}])
+@pytest.mark.gen_test
+async def test_accounts_have_their_own_tokens_quota_and_stable_token(
+        api: Api, sandbox: Sandbox, clock: FakeClock, sandbox_kwargs: dict[str, Any]) -> None:
+    plain = {appid: (await api.token(appid=appid, secret=secret))["access_token"]
+             for appid, secret in ACCOUNTS.items()}
+    stable = {appid: (await api.stable(appid=appid, secret=secret))["access_token"]
+              for appid, secret in ACCOUNTS.items()}
+    assert len(set(plain.values()) | set(stable.values())) == 6
+    for appid in ACCOUNTS:
+        assert sandbox.current_token(appid) == plain[appid]
+        assert sandbox.current_stable_token(appid) == stable[appid]
+    # wx123 spends its quota and rotates: the others' tokens and quotas are untouched.
+    await api.token()
+    assert (await api.token())["errcode"] == 45009
+    assert sandbox.token_status(plain["wx123"]) == 0  # the previous one, within its overlap
+    assert "access_token" in await api.token(appid="wxmini", secret=MINI_SECRET)
+    assert sandbox.token_status(plain["wxmp2"]) == 0
+    # A mini program's stable token: the same while valid, forced with its own 30 s spacing.
+    assert (await api.stable(appid="wxmini", secret=MINI_SECRET))["access_token"] == stable["wxmini"]
+    forced = await api.stable(appid="wxmini", secret=MINI_SECRET, force_refresh=True)
+    assert forced["access_token"] != stable["wxmini"]
+    assert "access_token" in await api.stable(appid="wxmp2", secret=MP_SECRET, force_refresh=True)
+    assert (await api.stable(appid="wxmini", secret=MINI_SECRET, force_refresh=True))["errcode"] == 45011
+    # Each token works for business calls; the secret of one account does not open another.
+    for token in [*plain.values(), *stable.values()]:
+        assert await api.errcode_with(token) == 0
+    assert (await api.token(appid="wxmini", secret=MP_SECRET))["errcode"] == 40125
+
+
+@pytest.mark.parametrize("sandbox_kwargs", [SEVERAL])
+@pytest.mark.gen_test
+async def test_wecom_one_token_per_app_secret(api: Api, sandbox: Sandbox, clock: FakeClock,
+                                              sandbox_kwargs: dict[str, Any]) -> None:
+    async def corp_token(corpid: str, secret: str) -> Any:
+        _, body = await api.call("/cgi-bin/gettoken", {"corpid": corpid, "corpsecret": secret})
+        return body
+
+    first = await corp_token("ww123", DEFAULT_CORPSECRET)
+    second = await corp_token("ww123", CORP_APP_SECRET)
+    other = await corp_token("ww999", OTHER_CORP_SECRET)
+    tokens = {b["access_token"] for b in (first, second, other)}
+    assert len(tokens) == 3
+    assert sandbox.current_corp_token() == first["access_token"]
+    assert sandbox.current_corp_token("ww123", "1000005") == second["access_token"]
+    assert sandbox.current_corp_token("ww999") == other["access_token"]
+    clock.advance(60)
+    again = await corp_token("ww123", CORP_APP_SECRET)
+    assert again == {**second, "expires_in": 7140}  # WeCom: the same token while it lives
+    assert (await corp_token("ww999", CORP_APP_SECRET))["errcode"] == 40001  # another corp's
+    assert sandbox.issued["/cgi-bin/gettoken"] == 4
+
+
+# -- WeCom tickets ----------------------------------------------------------------------------
+
+
+async def wecom_ticket(api: Api, path: str, token: str | None, **params: str) -> Any:
+    query = {**params, **({"access_token": token} if token is not None else {})}
+    code, body = await api.call(path, query)
+    assert code == 200
+    return body
+
+
+@pytest.mark.parametrize("sandbox_kwargs", [{**SEVERAL, "corp_ticket_hourly": 3}])
+@pytest.mark.gen_test
+async def test_wecom_corp_jsapi_ticket_and_its_hourly_limit_per_corp(
+        api: Api, sandbox: Sandbox, clock: FakeClock, sandbox_kwargs: dict[str, Any]) -> None:
+    path = "/cgi-bin/get_jsapi_ticket"
+    app1 = (await api.call("/cgi-bin/gettoken", {"corpid": "ww123",
+                                                 "corpsecret": DEFAULT_CORPSECRET}))[1]["access_token"]
+    app2 = (await api.call("/cgi-bin/gettoken", {"corpid": "ww123",
+                                                 "corpsecret": CORP_APP_SECRET}))[1]["access_token"]
+    other = (await api.call("/cgi-bin/gettoken", {"corpid": "ww999",
+                                                  "corpsecret": OTHER_CORP_SECRET}))[1]["access_token"]
+    tickets = []
+    for token in (app1, app2, app1):  # the limit is the corp's, whichever app asks
+        body = await wecom_ticket(api, path, token)
+        assert set(body) == {"errcode", "errmsg", "ticket", "expires_in"}
+        assert body["errcode"] == 0 and body["errmsg"] == "ok" and body["expires_in"] == 7200
+        tickets.append(body["ticket"])
+        clock.advance(600)
+    assert len(set(tickets)) == 3 and all(len(t) >= 120 for t in tickets)
+    assert await wecom_ticket(api, path, app2) == {"errcode": 45009,
+                                                   "errmsg": "api freq out of limit"}
+    assert (await wecom_ticket(api, path, other))["errcode"] == 0  # another corp's hour
+    clock.advance(1800)  # the first ticket is an hour old: one call free again
+    assert (await wecom_ticket(api, path, app2))["errcode"] == 0
+    assert (await wecom_ticket(api, path, app2))["errcode"] == 45009
+    assert sandbox.issued[path] == 5 and sandbox.calls[path] == 7
+
+
+@pytest.mark.parametrize("sandbox_kwargs", [{**SEVERAL, "agent_ticket_hourly": 2}])
+@pytest.mark.gen_test
+async def test_wecom_agent_config_ticket_and_its_hourly_limit_per_app(
+        api: Api, sandbox: Sandbox, clock: FakeClock, sandbox_kwargs: dict[str, Any]) -> None:
+    path = "/cgi-bin/ticket/get"
+    app1 = (await api.call("/cgi-bin/gettoken", {"corpid": "ww123",
+                                                 "corpsecret": DEFAULT_CORPSECRET}))[1]["access_token"]
+    app2 = (await api.call("/cgi-bin/gettoken", {"corpid": "ww123",
+                                                 "corpsecret": CORP_APP_SECRET}))[1]["access_token"]
+    for _ in range(2):
+        body = await wecom_ticket(api, path, app1, type="agent_config")
+        assert body["errcode"] == 0 and body["errmsg"] == "ok" and body["expires_in"] == 7200
+    assert (await wecom_ticket(api, path, app1, type="agent_config"))["errcode"] == 45009
+    assert (await wecom_ticket(api, path, app2, type="agent_config"))["errcode"] == 0
+    assert (await wecom_ticket(api, path, app1, type="jsapi"))["errcode"] == 40058
+    clock.advance(3600)
+    assert (await wecom_ticket(api, path, app1, type="agent_config"))["errcode"] == 0
+
+
+def test_wecom_ticket_limits_default_to_wecoms() -> None:
+    sandbox = Sandbox()
+    assert (sandbox.wecom.corp_ticket_hourly, sandbox.wecom.agent_ticket_hourly) == (400, 100)
+
+
+@pytest.mark.parametrize("path, params", [
+    ("/cgi-bin/get_jsapi_ticket", {}),
+    ("/cgi-bin/ticket/get", {"type": "agent_config"}),
+])
+@pytest.mark.gen_test
+async def test_wecom_tickets_check_the_token(api: Api, clock: FakeClock, path: str,
+                                             params: dict[str, str]) -> None:
+    corp = (await api.call("/cgi-bin/gettoken", {"corpid": "ww123",
+                                                 "corpsecret": DEFAULT_CORPSECRET}))[1]["access_token"]
+    official = (await api.token())["access_token"]
+    assert (await wecom_ticket(api, path, None, **params))["errcode"] == 41001
+    assert (await wecom_ticket(api, path, "made-up", **params))["errcode"] == 40014
+    assert (await wecom_ticket(api, path, official, **params))["errcode"] == 40014
+    assert (await wecom_ticket(api, path, corp, **params))["errcode"] == 0
+    clock.advance(7200)
+    assert (await wecom_ticket(api, path, corp, **params))["errcode"] == 42001
+
+
+# -- business APIs ----------------------------------------------------------------------------
+
+MESSAGE = {"touser": "oUser123", "msgtype": "text", "text": {"content": "hello 你好"}}
+
+
+@pytest.mark.gen_test
+async def test_business_calls_tell_malformed_stale_and_expired_tokens(
+        api: Api, clock: FakeClock) -> None:
+    first, second, third = [(await api.token())["access_token"] for _ in range(3)]
+    send = "/cgi-bin/message/custom/send"
+    for token, errcode in [(third, 0), (second, 0), (first, 40001), ("x" * 513, 40014),
+                           (third[:-1] + "!", 40014), ("not a token", 40014)]:
+        assert await api.errcode_with(token) == errcode
+        _, body = await api.call(send, {"access_token": token}, method="POST", body=MESSAGE)
+        assert body["errcode"] == errcode
+    _, body = await api.call(send, method="POST", body=MESSAGE)
+    assert body["errcode"] == 41001
+    clock.advance(7200)
+    assert await api.errcode_with(third) == 42001
+    _, body = await api.call(send, {"access_token": third}, method="POST", body=MESSAGE)
+    assert body["errcode"] == 42001
+
+
+@pytest.mark.parametrize("body, errcode", [
+    (MESSAGE, 0),
+    (b"", 44002),
+    (b"{not json", 47001),
+    (b"[1]", 47001),
+    ({**MESSAGE, "touser": ""}, 40003),
+    ({k: v for k, v in MESSAGE.items() if k != "msgtype"}, 40008),
+])
+@pytest.mark.gen_test
+async def test_message_custom_send(api: Api, sandbox: Sandbox, body: Any, errcode: int) -> None:
+    token = (await api.stable())["access_token"]
+    code, answer = await api.call("/cgi-bin/message/custom/send", {"access_token": token},
+                                  method="POST", body=body)
+    assert code == 200
+    assert answer == ({"errcode": 0, "errmsg": "ok"} if errcode == 0 else
+                      {"errcode": errcode, "errmsg": answer["errmsg"]})
+    assert sandbox.calls["/cgi-bin/message/custom/send"] == 1
+
+
+@pytest.mark.gen_test
+async def test_message_send_refuses_a_wecom_token(api: Api) -> None:
+    _, corp = await api.call("/cgi-bin/gettoken", {"corpid": "ww123",
+                                                   "corpsecret": DEFAULT_CORPSECRET})
+    _, body = await api.call("/cgi-bin/message/custom/send",
+                             {"access_token": corp["access_token"]}, method="POST", body=MESSAGE)
+    assert body["errcode"] == 40001
+
+
+def multipart(parts: list[tuple[str, str | None, bytes]]) -> tuple[bytes, dict[str, str]]:
+    """A multipart/form-data body of (field name, file name or None, content) parts."""
+    boundary = "----sandbox-test-boundary-7d3f"
+    chunks = []
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        chunks.append(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+                      f"Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n")
+    body = b"".join(chunks) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+@pytest.mark.gen_test
+async def test_media_upload_of_several_megabytes(api: Api, sandbox: Sandbox,
+                                                 clock: FakeClock) -> None:
+    token = (await api.token())["access_token"]
+    image = os.urandom(5 * 1024 * 1024 + 3)
+    body, headers = multipart([("media", "photo.jpg", image)])
+    code, answer = await api.call("/cgi-bin/media/upload", {"access_token": token, "type": "image"},
+                                  method="POST", body=body, headers=headers)
+    assert code == 200
+    assert answer["type"] == "image" and answer["size"] == len(image)
+    assert answer["created_at"] == int(clock.now) and len(answer["media_id"]) >= 32
+    assert "errcode" not in answer  # WeChat's success shape for media has none
+    assert MAX_BODY_BYTES > 10 * 1024 * 1024  # the subprocess sandbox takes WeChat's largest media
+    # WeCom's media/upload shares the path, with a "file" type.
+    _, corp = await api.call("/cgi-bin/gettoken", {"corpid": "ww123",
+                                                   "corpsecret": DEFAULT_CORPSECRET})
+    body, headers = multipart([("media", "a.pdf", b"%PDF-1.4")])
+    _, answer = await api.call("/cgi-bin/media/upload",
+                               {"access_token": corp["access_token"], "type": "file"},
+                               method="POST", body=body, headers=headers)
+    assert answer["type"] == "file" and answer["size"] == 8
+
+
+@pytest.mark.parametrize("media_type, parts, errcode", [
+    (None, [("media", "a.jpg", b"x")], 40004),
+    ("file", [("media", "a.jpg", b"x")], 40004),  # a WeCom type, not an official account's
+    ("image", [], 41005),
+    ("image", [("file", "a.jpg", b"x")], 41005),
+    ("image", [("media", None, b"x")], 41005),  # a form field, not a file
+    ("image", [("media", "a.jpg", b"")], 44001),
+    ("thumb", [("media", "t.jpg", b"x" * (64 * 1024 + 1))], 40006),
+])
+@pytest.mark.gen_test
+async def test_media_upload_errors(api: Api, media_type: str | None,
+                                   parts: list[tuple[str, str | None, bytes]], errcode: int) -> None:
+    params = {"access_token": (await api.token())["access_token"]}
+    if media_type:
+        params["type"] = media_type
+    body, headers = multipart(parts)
+    _, answer = await api.call("/cgi-bin/media/upload", params, method="POST", body=body,
+                               headers=headers)
+    assert answer["errcode"] == errcode and "media_id" not in answer
+
+
+@pytest.mark.gen_test
+async def test_media_upload_checks_the_token_first(api: Api) -> None:
+    body, headers = multipart([("media", "a.jpg", b"x")])
+    _, answer = await api.call("/cgi-bin/media/upload", {"access_token": "stale", "type": "image"},
+                               method="POST", body=body, headers=headers)
+    assert answer["errcode"] == 40001
+
+
+SNS_ARGS = {"appid": "wx123", "secret": DEFAULT_APPSECRET, "code": "code-1",
+            "grant_type": "authorization_code"}
+
+
+@pytest.mark.gen_test
+async def test_sns_oauth_web_login(api: Api, sandbox: Sandbox) -> None:
+    _, body = await api.call("/sns/oauth2/access_token", SNS_ARGS)
+    assert set(body) == {"access_token", "expires_in", "refresh_token", "openid", "scope"}
+    assert body["expires_in"] == 7200 and body["scope"] == "snsapi_base"
+    assert re.fullmatch(r"o[A-Za-z0-9_-]{27}", body["openid"])
+    assert {body["access_token"], body["refresh_token"]} <= sandbox.issued_values()
+    # A web-login token is not an access_token for the account's APIs.
+    assert await api.errcode_with(body["access_token"]) == 40001
+    # A code works once; the same code in a fresh sandbox names the same user.
+    _, again = await api.call("/sns/oauth2/access_token", SNS_ARGS)
+    assert again == {"errcode": 40163, "errmsg": "code been used"}
+    sandbox.reset()
+    _, replay = await api.call("/sns/oauth2/access_token", SNS_ARGS)
+    assert replay["openid"] == body["openid"] and replay["access_token"] != body["access_token"]
+    _, user2 = await api.call("/sns/oauth2/access_token", {**SNS_ARGS, "code": "code-2"})
+    assert user2["openid"] != body["openid"]
+    assert sandbox.issued["/sns/oauth2/access_token"] == 2
+
+
+@pytest.mark.parametrize("overrides, errcode", [
+    ({"appid": None}, 41002),
+    ({"appid": "wx-unknown"}, 40013),
+    ({"secret": None}, 41004),
+    ({"secret": "wrong"}, 40125),
+    ({"code": None}, 41008),
+    ({"code": ""}, 41008),
+    ({"grant_type": "client_credential"}, 40002),
+])
+@pytest.mark.gen_test
+async def test_sns_oauth_errors(api: Api, overrides: dict[str, Any], errcode: int) -> None:
+    params = {k: v for k, v in {**SNS_ARGS, **overrides}.items() if v is not None}
+    _, body = await api.call("/sns/oauth2/access_token", params)
+    assert body["errcode"] == errcode and "access_token" not in body
+
+
+NEW_PATHS = ["/cgi-bin/get_jsapi_ticket", "/cgi-bin/ticket/get", "/cgi-bin/message/custom/send",
+             "/cgi-bin/media/upload", "/sns/oauth2/access_token"]
+
+
+@pytest.mark.parametrize("path", NEW_PATHS)
+@pytest.mark.gen_test
+async def test_new_paths_take_faults(api: Api, sandbox: Sandbox, path: str) -> None:
+    assert path in API_PATHS
+    sandbox.inject(path, "errcode", errcode=45009, errmsg="api freq out of limit")
+    method = "POST" if path.startswith("/cgi-bin/m") else "GET"
+    code, body = await api.call(path, method=method, body=b"" if method == "POST" else None)
+    assert code == 200 and body == {"errcode": 45009, "errmsg": "api freq out of limit"}
+    sandbox.inject(path, "http_error", status=502)
+    assert (await api.call(path, method=method, body=b"" if method == "POST" else None))[0] == 502
+    _, body = await api.call(path, method=method, body=b"" if method == "POST" else None)
+    assert body["errcode"] == 41001 or body["errcode"] == 41002  # no fault: the real check
+    assert sandbox.calls[path] == 3
+
+
+# -- what the proxy forwarded -------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_requests_record_what_reached_wechat(api: Api, sandbox: Sandbox) -> None:
+    token = (await api.token())["access_token"]
+    message = json.dumps(MESSAGE).encode()
+    await api.call("/cgi-bin/message/custom/send", {"access_token": token}, method="POST",
+                   body=message, headers={"Content-Type": "application/json"})
+    upload, headers = multipart([("media", "a.jpg", b"jpeg-bytes")])
+    await api.call("/cgi-bin/media/upload", {"access_token": token, "type": "image"},
+                   method="POST", body=upload, headers=headers)
+    await api.call("/cgi-bin/getcallbackip", {"access_token": "stale-token"})
+    await api.call("/cgi-bin/user/info", {"access_token": token, "openid": "o1"})
+
+    fetch, send, media, stale, unknown = sandbox.requests_to()
+    assert (fetch.path, fetch.access_token, fetch.params) == (
+        "/cgi-bin/token", None, {"grant_type": "client_credential", "appid": "wx123"})
+    assert fetch.query_keys == ("appid", "grant_type", "secret")  # the name, not the secret
+    assert (send.method, send.path, send.access_token, send.token_owner, send.token_kind,
+            send.token_status, send.errcode) == (
+        "POST", "/cgi-bin/message/custom/send", token, "wx123", "token", 0, 0)
+    assert send.body_size == len(message)
+    assert send.body_sha256 == hashlib.sha256(message).hexdigest()
+    assert send.content_type == "application/json" and send.params == {}
+    assert media.params == {"type": "image"} and media.body_size == len(upload)
+    assert media.content_type.startswith("multipart/form-data")
+    assert (stale.token_owner, stale.token_status, stale.errcode) == (None, 40001, 40001)
+    assert (unknown.path, unknown.status, unknown.params) == ("/cgi-bin/user/info", 404,
+                                                            {"openid": "o1"})
+    assert sandbox.requests_to("/cgi-bin/media/upload") == [media]
+    assert token not in repr(sandbox.requests_to())  # safe to print in a failing assertion
+
+    _, listed = await api.call("/sandbox/requests", {"path": "/cgi-bin/message/custom/send"})
+    assert listed == {"requests": [{
+        "method": "POST", "path": "/cgi-bin/message/custom/send",
+        "query_keys": ["access_token"], "params": {}, "body_size": len(message),
+        "body_sha256": hashlib.sha256(message).hexdigest(), "content_type": "application/json",
+        "access_token_prefix": token[:8], "token_owner": "wx123", "token_kind": "token",
+        "token_status": 0, "status": 200, "errcode": 0}]}
+    assert token not in json.dumps((await api.call("/sandbox/requests"))[1])
+    assert len((await api.call("/sandbox/requests"))[1]["requests"]) == 5  # control calls unrecorded
+    await api.call("/sandbox/reset", method="POST")
+    assert sandbox.requests_to() == []
+
+
+@pytest.mark.gen_test
+async def test_requests_record_injected_faults(api: Api, sandbox: Sandbox) -> None:
+    sandbox.inject("/cgi-bin/token", "busy")
+    sandbox.inject("/cgi-bin/token", "http_error", status=503)
+    await api.call("/cgi-bin/token", TOKEN_ARGS)
+    await api.call("/cgi-bin/token", TOKEN_ARGS)
+    assert [(r.status, r.errcode) for r in sandbox.requests_to("/cgi-bin/token")] == [
+        (200, -1), (503, 503)]
+
+
+@pytest.mark.gen_test
+async def test_new_endpoints_keep_secrets_and_tokens_out_of_the_log(
+        api: Api, sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = (await api.token())["access_token"]
+    await api.call("/cgi-bin/message/custom/send", {"access_token": token}, method="POST",
+                   body=MESSAGE)
+    await api.call("/sns/oauth2/access_token", SNS_ARGS)
+    _, corp = await api.call("/cgi-bin/gettoken", {"corpid": "ww123",
+                                                   "corpsecret": DEFAULT_CORPSECRET})
+    await api.call("/cgi-bin/get_jsapi_ticket", {"access_token": corp["access_token"]})
+    assert "/sns/oauth2/access_token" in caplog.text
+    for value in [DEFAULT_APPSECRET, DEFAULT_CORPSECRET, "code-1", *sandbox.issued_values()]:
+        assert value not in caplog.text
+
+
+def test_cli_serves_several_accounts() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "server.sandbox", "--port", "0",
+                             "--app", "wxmini:mini:secret", "--corp-app", "ww9:1000005:corp-s"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 10)
+        assert ready, "no SANDBOX_URL line within 10 s"
+        url = proc.stdout.readline().strip().split("=", 1)[1]
+        for path, query in [
+            ("/cgi-bin/token", {"grant_type": "client_credential", "appid": "wx123",
+                                "secret": DEFAULT_APPSECRET}),
+            ("/cgi-bin/token", {"grant_type": "client_credential", "appid": "wxmini",
+                                "secret": "mini:secret"}),
+            ("/cgi-bin/gettoken", {"corpid": "ww9", "corpsecret": "corp-s"}),
+            ("/cgi-bin/gettoken", {"corpid": "ww123", "corpsecret": DEFAULT_CORPSECRET}),
+        ]:
+            with urllib.request.urlopen(f"{url}{path}?{urllib.parse.urlencode(query)}",
+                                        timeout=5) as reply:
+                assert "access_token" in json.load(reply), path
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=5)
+        assert proc.returncode == 0, stderr
     finally:
         if proc.poll() is None:
             proc.kill()
