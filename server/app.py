@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from tornado.httpserver import HTTPServer
 
 from server import logthrottle
+from server.accounts import Accounts
 from server.auth import Authenticator
 from server.config import Config
 from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
@@ -50,9 +51,9 @@ from server.upstream import Upstream
 logger = logging.getLogger(__name__)
 
 
-def make_app(refresher: Refresher, auth: Authenticator, active: ActiveRequests) -> tornado.web.Application:
+def make_app(refresher: Refresher, auth: Authenticator, active: ActiveRequests, accounts: Accounts) -> tornado.web.Application:
     """The HTTP application over built parts (see handlers for each endpoint)."""
-    deps = {"refresher": refresher, "auth": auth, "active": active}
+    deps = {"refresher": refresher, "auth": auth, "active": active, "accounts": accounts}
     return tornado.web.Application(
         [
             (r"/wechat/token", TokenHandler, deps),
@@ -122,7 +123,7 @@ async def start(cfg: Config) -> Running:
         # The API takes no body: refuse big ones early, and do not wait long for slow ones.
         # Refused peers are closed at accept, heads get server.header_timeout (server.listener).
         http = GuardedHTTPServer(
-            make_app(refresher, auth, active),
+            make_app(refresher, auth, active, Accounts.from_config(cfg)),
             admit=auth.accepts_peer,
             header_timeout=cfg.server.header_timeout,
             max_body_size=4096,

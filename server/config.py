@@ -123,10 +123,33 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
+class JssdkConfig:
+    allowed_domains: list[str] = opt(help="hosts whose pages may be signed: shop.example.com, or *.example.com for its subdomains", factory=list)
+    public: bool = opt(False, "browsers on allowed_domains may ask for a signature without a secret (CORS for exactly those origins)")
+
+
+@dataclass(frozen=True)
+class AccountConfig:
+    kind: str = opt("official", "official (default), miniprogram or wecom")
+    appid: str = opt("", "the appid (official, miniprogram)")
+    secret: str = opt("", "its AppSecret (official, miniprogram)", secret=True)
+    corpid: str = opt("", "the corpid (wecom)")
+    corpsecret: str = opt("", "the app's secret (wecom)", secret=True)
+    agentid: int | None = opt(None, "the app's agentid (wecom; needed for the agent_config ticket)")
+    token: str = opt("stable", "stable (default): POST /cgi-bin/stable_token; classic: GET /cgi-bin/token (official, miniprogram)")
+    tickets: list[str] = opt(help="tickets to keep: jsapi, wx_card (official); jsapi, agent_config (wecom); none for miniprogram", factory=list)
+    api_base: str = opt("", "WeChat's API origin: https://api.weixin.qq.com by default, https://qyapi.weixin.qq.com for wecom")
+    default: bool = opt(False, "answers requests that name no account (implied when there is one account)")
+    jssdk: JssdkConfig = opt(help="JS-SDK signatures for this account's web pages", factory=JssdkConfig)
+    name: str = opt("", "set from the mapping key")
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     name: str = opt(help="client name shown in logs")
     secret: str = opt(help="this client's request secret (at least 16 characters)", secret=True)
     sources: list[str] = opt(help="sources this client may read and force-refresh", factory=list)
+    accounts: list[str] = opt(help="accounts whose sources this client may read and force-refresh", factory=list)
     metrics: bool = opt(False, "may read /metrics (every source's state and counts); the server.secret holder always may")
 
 
@@ -142,9 +165,11 @@ class Config:
     server: ServerConfig = opt(help="HTTP server", factory=ServerConfig)
     redis: RedisConfig = opt(help="Redis connection", factory=RedisConfig)
     refresh: RefreshConfig = opt(help="refresher timing", factory=RefreshConfig)
+    accounts: dict[str, AccountConfig] = opt(help="WeChat accounts, each a shorthand for its sources (see README, Accounts)", factory=dict)
     sources: dict[str, SourceConfig] = opt(help="credential sources, fetched in dependency order", factory=dict)
     clients: list[ClientConfig] = opt(help="named clients with their own secrets and sources", factory=list)
     jwt: JwtConfig | None = opt(None, "accept HS256 JWTs as Authorization: Bearer")
+    face: bool = opt(True, "serve the WeChat-shaped face (/cgi-bin/...) so SDKs can use this server as their API host")
 
 
 # --- conversion against the dataclasses ---------------------------------------------------
@@ -204,8 +229,8 @@ def _build(cls: type, raw: Mapping[str, Any], path: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
-        if key not in fields or key == "name" and cls is SourceConfig:
-            known = ", ".join(n for n in fields if not (n == "name" and cls is SourceConfig))
+        if key not in fields or key == "name" and cls in _NAMED:
+            known = ", ".join(n for n in fields if not (n == "name" and cls in _NAMED))
             raise ConfigError(f"{_join(path, str(key))}: unknown key (known keys: {known})")
     kwargs = {}
     for name, f in fields.items():
@@ -214,6 +239,10 @@ def _build(cls: type, raw: Mapping[str, Any], path: str) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(path, name)}: missing; {f.metadata.get('help', '')}")
     return cls(**kwargs)
+
+
+#: sections whose ``name`` comes from their mapping key, never from the file
+_NAMED = (SourceConfig, AccountConfig)
 
 
 def _join(path: str, key: str) -> str:
@@ -382,8 +411,12 @@ def validate(cfg: Config) -> Config:
         for i, h in enumerate(cfg.redis.sentinel.hosts):
             if not re.match(r"^[^:\s]+:\d+$", h):
                 raise ConfigError(f'redis.sentinel.hosts[{i}]: {h!r} must be "host:port"')
+    # Accounts are a shorthand: they become ordinary sources (and client scopes) here.
+    from server.accounts import expand  # the accounts module builds on this schema
+
+    cfg = expand(cfg)
     if not cfg.sources:
-        raise ConfigError("sources: declare at least one source (e.g. access_token)")
+        raise ConfigError("sources: declare at least one account or source (e.g. access_token)")
     named = {}
     for name, src in cfg.sources.items():
         if not SOURCE_NAME_RE.match(name):

@@ -20,6 +20,8 @@ from typing import Any
 
 import tornado.web
 
+from server.accounts import TYPES as ACCOUNT_TYPES
+from server.accounts import Accounts, LookupFailed
 from server.auth import OPERATOR, Authenticator, AuthError, Principal
 from server.ratelimit import retry_after_header
 from server.redact import printable
@@ -91,10 +93,11 @@ class BaseHandler(tornado.web.RequestHandler):
     principal: Principal | None = None
     ip: str | None = None
 
-    def initialize(self, refresher: Refresher, auth: Authenticator, active: ActiveRequests) -> None:
+    def initialize(self, refresher: Refresher, auth: Authenticator, active: ActiveRequests, accounts: Accounts) -> None:
         self.refresher = refresher
         self.auth = auth
         self.active = active
+        self.accounts = accounts
         active.add(self)
 
     def on_finish(self) -> None:
@@ -174,11 +177,26 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish({"errcode": status_code, "errmsg": reason})
 
     def source_name(self) -> str:
-        """The ``type`` argument, checked against the configured sources (400 / 404 / 403)."""
-        name = self.argument("type")
-        if not name:
+        """The source that ``type`` (with ``account`` or ``appid``, else the default account)
+        names, checked against the configured sources (400 / 404 / 403).
+
+        ``type`` is a type of the account (``access_token``, ``ticket``...) or, as before
+        accounts, a source's full name (``shop.access_token``, or one declared by hand).
+        """
+        type_ = self.argument("type")
+        if not type_:
             raise tornado.web.HTTPError(400, reason="missing type")
-        if name not in self.refresher.sources:
+        account, appid = self.argument("account"), self.argument("appid")
+        name: str | None = type_
+        if account is not None or appid is not None:
+            try:
+                found = self.accounts.find(account, appid)
+            except LookupFailed as e:
+                raise tornado.web.HTTPError(404, reason=str(e)) from None
+            name = found.source(type_) if found is not None else None
+        elif type_ not in self.refresher.sources and self.accounts and self.accounts.default is None and type_ in ACCOUNT_TYPES:
+            raise tornado.web.HTTPError(400, reason="name the account: account=NAME or appid=APPID")
+        if name is None or name not in self.refresher.sources:
             # Only configured names go any further: `type` never reaches Redis or a URL.
             raise tornado.web.HTTPError(404, reason="unknown type")
         if self.principal is not None and not self.principal.may_use(name):
@@ -190,7 +208,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
 
 class TokenHandler(BaseHandler):
-    arguments = frozenset({"type"})
+    arguments = frozenset({"type", "account", "appid"})
 
     async def get(self) -> None:
         """The current value.
@@ -208,7 +226,7 @@ class TokenHandler(BaseHandler):
 
 
 class ForceRefreshHandler(BaseHandler):
-    arguments = frozenset({"type", "old"})
+    arguments = frozenset({"type", "old", "account", "appid"})
 
     async def get(self) -> None:
         """A new value now, unless ``old`` shows someone already rotated it.

@@ -95,7 +95,7 @@ BAD = [
     (config_text(refresh={"backoff_max": 0}), "refresh.backoff_max: must be a positive"),
     (config_text(refresh={"force_min_interval": -1}), "refresh.force_min_interval: must be 0 or more"),
     (config_text(redis={"socket_timeout": 0}), "redis.socket_timeout: must be a positive"),
-    (config_text(sources={}), "sources: declare at least one source"),
+    (config_text(sources={}), "sources: declare at least one account or source"),
     (config_text(sources={"access_token": {"args": {}}}), "sources.access_token.url: missing"),
     (config_text(sources={"a": {"url": "ftp://x"}}), "sources.a.url: must be an http"),
     (config_text(sources={"a": {"url": "http://x", "method": "PUT"}}), "sources.a.method: must be GET or POST"),
@@ -169,11 +169,13 @@ def test_config_error_is_no_config_for_a_non_mapping_section() -> None:
 def test_readme_documents_every_config_key() -> None:
     import dataclasses
 
-    from server.config import Config, RedisConfig, RefreshConfig, ServerConfig, SourceConfig
+    from server.config import AccountConfig, Config, JssdkConfig, RedisConfig, RefreshConfig, ServerConfig, SourceConfig
 
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     keys = [f"`{section}.{f.name}`" for section, cls in (("server", ServerConfig), ("redis", RedisConfig), ("refresh", RefreshConfig)) for f in dataclasses.fields(cls)]
     keys += [f"`sources.NAME.{f.name}`" for f in dataclasses.fields(SourceConfig) if f.name != "name"]
-    keys += [f"`{f.name}`" for f in dataclasses.fields(Config) if f.name not in ("server", "redis", "refresh", "sources")]
+    keys += [f"`accounts.NAME.{f.name}`" for f in dataclasses.fields(AccountConfig) if f.name not in ("name", "jssdk")]
+    keys += [f"`accounts.NAME.jssdk.{f.name}`" for f in dataclasses.fields(JssdkConfig)]
+    keys += [f"`{f.name}`" for f in dataclasses.fields(Config) if f.name not in ("server", "redis", "refresh", "sources", "accounts")]
     missing = [k for k in keys if k not in readme]
     assert not missing, f"README's configuration table lacks {missing}"
