@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=args.port))
     if args.check:
-        print(f"config OK: {len(cfg.sources)} sources ({', '.join(cfg.sources)})")
+        accounts = f"{len(cfg.accounts)} accounts ({', '.join(cfg.accounts)}), " if cfg.accounts else ""
+        print(f"config OK: {accounts}{len(cfg.sources)} sources ({', '.join(cfg.sources)})")
         return 0
     from server.app import serve
 

@@ -179,3 +179,22 @@ def test_readme_documents_every_config_key() -> None:
     keys += [f"`{f.name}`" for f in dataclasses.fields(Config) if f.name not in ("server", "redis", "refresh", "sources", "accounts")]
     missing = [k for k in keys if k not in readme]
     assert not missing, f"README's configuration table lacks {missing}"
+
+
+def test_the_examples_commented_accounts_pass_check(tmp_path) -> None:
+    """The accounts block of config.example.yaml, uncommented, is a valid config."""
+    lines = open(os.path.join(ROOT, "config.example.yaml"), encoding="utf-8").read().splitlines()
+    start = lines.index("# accounts:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#"):
+            break
+        block.append(line[2:])
+    text = "server: {secret: ${TOKEN_SERVER_SECRET}}\n" + "\n".join(block) + "\n"
+    path = tmp_path / "accounts.yaml"
+    path.write_text(text)
+    path.chmod(0o600)
+    env = {"TOKEN_SERVER_SECRET": GOOD_SECRET, **{k: "x" * 32 for k in ("MAIN_APPSECRET", "SHOP_APPSECRET", "MINI_APPSECRET", "CORP_SECRET")}}
+    result = run_cli("--check", "-c", str(path), env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("config OK: 4 accounts (main, shop, mini, corp), 9 sources (access_token, ")
