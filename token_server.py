@@ -21,7 +21,8 @@ import tempfile
 from collections.abc import Coroutine
 from typing import Any
 
-from server.config import Config, ConfigError, load_config, parse_config
+from server.config import Config, ConfigError
+from server.config_file import load_config, parse_config
 
 logger = logging.getLogger("token_server")
 

@@ -16,16 +16,10 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-import os
 import re
-import stat
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
-
-import yaml
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +29,6 @@ TEMPLATE_RE = re.compile(r"<<\s*([^<>\s]*)\s*>>")
 SOURCE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 #: Client names appear in every access log line: the same boring alphabet.
 CLIENT_NAME_RE = SOURCE_NAME_RE
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 #: Request secrets that are obviously examples.  Compared case-insensitively.
 PLACEHOLDER_SECRETS = frozenset(
@@ -172,123 +165,6 @@ class Config:
     face: bool = opt(True, "serve the WeChat-shaped face (/cgi-bin/...) so SDKs can use this server as their API host")
 
 
-# --- conversion against the dataclasses ---------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin is list:
-        return "a list"
-    if origin is dict or dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
-
-
-def _convert(tp: Any, value: Any, path: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and return it converted."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(args[0], value, path)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: must be a mapping")
-        return _build(tp, value, path)  # type: ignore[arg-type]
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: must be a list, e.g. [a, b]")
-        (item,) = typing.get_args(tp)
-        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: must be a mapping, e.g. {{key: value}}")
-        _, item = typing.get_args(tp)
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ConfigError(f"{path}: key {k!r} must be a string")
-            out[k] = _convert(item, v, f"{path}.{k}")
-        return out
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp in (str, bool) and isinstance(value, tp):
-        return value
-    shown = "a string" if isinstance(value, str) else repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-    raise ConfigError(f"{path}: must be {_type_name(tp)}, got {shown}")
-
-
-def _build(cls: type, raw: Mapping[str, Any], path: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields or key == "name" and cls in _NAMED:
-            known = ", ".join(n for n in fields if not (n == "name" and cls in _NAMED))
-            raise ConfigError(f"{_join(path, str(key))}: unknown key (known keys: {known})")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in raw:
-            kwargs[name] = _convert(hints[name], raw[name], _join(path, name))
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{_join(path, name)}: missing; {f.metadata.get('help', '')}")
-    return cls(**kwargs)
-
-
-#: sections whose ``name`` comes from their mapping key, never from the file
-_NAMED = (SourceConfig, AccountConfig)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-# --- ${ENV} expansion ----------------------------------------------------------------------
-
-_MARK_RE = re.compile(r"__tsenv(\d+)__")
-
-
-def _mark_env(text: str) -> tuple[str, list[tuple[str, str | None]]]:
-    """Swap every ``${NAME}`` / ``${NAME:-default}`` for an inert ``__tsenvN__`` marker.
-
-    Done before parsing so ``{secret: ${WECHAT_APPSECRET}}`` is valid YAML in a flow
-    mapping; the values go in after parsing (:func:`_expand`), so a secret containing
-    YAML syntax can never change the structure of the file.
-    """
-    refs: list[tuple[str, str | None]] = []
-
-    def mark(m: re.Match[str]) -> str:
-        refs.append((m.group(1), m.group(2)))
-        return f"__tsenv{len(refs) - 1}__"
-
-    return _ENV_RE.sub(mark, text), refs
-
-
-def _expand(value: Any, refs: list[tuple[str, str | None]], env: Mapping[str, str], path: str = "") -> Any:
-    if isinstance(value, str):
-
-        def sub(m: re.Match[str]) -> str:
-            name, default = refs[int(m.group(1))]
-            if name in env:
-                return env[name]
-            if default is not None:
-                return default
-            raise ConfigError(f"{path}: environment variable {name} is not set; export it or write ${{{name}:-default}}")
-
-        return _MARK_RE.sub(sub, value)
-    if isinstance(value, Mapping):
-        return {k: _expand(v, refs, env, _join(path, str(k))) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v, refs, env, f"{path}[{i}]") for i, v in enumerate(value)]
-    return value
-
-
 # --- rules that span keys ------------------------------------------------------------------
 
 
@@ -366,7 +242,10 @@ def _check_networks(path: str, values: list[str]) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Check the rules that span keys; return the config with sources in dependency order."""
+    """Check the rules that span keys; return the config with sources in dependency order.
+
+    Accounts must have been expanded into sources first (:func:`server.accounts.expand`;
+    :mod:`server.config_file` does both)."""
     check_secret("server.secret", cfg.server.secret)
     if not 0 < cfg.server.port < 65536:
         raise ConfigError("server.port: must be between 1 and 65535")
@@ -411,10 +290,6 @@ def validate(cfg: Config) -> Config:
         for i, h in enumerate(cfg.redis.sentinel.hosts):
             if not re.match(r"^[^:\s]+:\d+$", h):
                 raise ConfigError(f'redis.sentinel.hosts[{i}]: {h!r} must be "host:port"')
-    # Accounts are a shorthand: they become ordinary sources (and client scopes) here.
-    from server.accounts import expand  # the accounts module builds on this schema
-
-    cfg = expand(cfg)
     if not cfg.sources:
         raise ConfigError("sources: declare at least one account or source (e.g. access_token)")
     named = {}
@@ -461,38 +336,3 @@ def validate(cfg: Config) -> Config:
         if not 0 <= cfg.jwt.leeway <= 300:
             raise ConfigError("jwt.leeway: must be between 0 and 300 seconds")
     return dataclasses.replace(cfg, sources={n: named[n] for n in order})
-
-
-def parse_config(text: str, env: Mapping[str, str], source: str = "config") -> Config:
-    """Build a validated Config from YAML text, expanding ``${ENV}`` from ``env``."""
-    marked, refs = _mark_env(text)
-    try:
-        raw = yaml.safe_load(marked)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{source}:{where} is not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{source}: the config must be a YAML mapping of sections (server, redis, refresh, sources)")
-    cfg = _build(Config, _expand(raw, refs, env), "")
-    return validate(typing.cast(Config, cfg))
-
-
-def load_config(path: str, env: Mapping[str, str] | None = None) -> Config:
-    """Read, expand and validate the YAML file at ``path``.
-
-    Raises ConfigError (one line) for a missing file, bad YAML or a bad key.
-    """
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-        mode = os.stat(path).st_mode
-    except (OSError, UnicodeDecodeError) as e:
-        why = getattr(e, "strerror", None) or "not UTF-8 text"
-        raise ConfigError(f"{path}: cannot read the config file ({why}); pass --config PATH") from None
-    cfg = parse_config(text, os.environ if env is None else env, path)
-    if mode & (stat.S_IROTH | stat.S_IWOTH):
-        logger.warning("config %s is readable by other users and names secrets; run: chmod 600 %s", path, path)
-    return cfg

@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers_procs import merge, sandbox_sources, token_servers  # noqa: E402,F401 (token_servers: a fixture for every test file)
 
 from server.app import Running, start, stop  # noqa: E402
-from server.config import Config, parse_config  # noqa: E402
+from server.config import Config  # noqa: E402
+from server.config_file import parse_config  # noqa: E402
 from server.embedded_redis import EmbeddedRedis, find_redis_server  # noqa: E402
 from server.sandbox import DEFAULT_APPSECRET, Sandbox  # noqa: E402
 from server.sandbox import make_app as make_sandbox_app  # noqa: E402

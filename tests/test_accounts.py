@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from server.config import ConfigError, parse_config
+from server.config import ConfigError
+from server.config_file import parse_config
 from server.sandbox import DEFAULT_AGENTID, DEFAULT_APPID, DEFAULT_APPSECRET, DEFAULT_CORPID, DEFAULT_CORPSECRET, Sandbox
 from tests.conftest import AUTH, TEST_SECRET
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 import yaml
 
-from server.config import ConfigError, parse_config
+from server.config import ConfigError
+from server.config_file import parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD_SECRET = "a-long-random-request-secret-42"

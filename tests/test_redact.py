@@ -9,7 +9,7 @@ import pytest
 import redis
 import yaml
 
-from server.config import parse_config
+from server.config_file import parse_config
 from server.redact import MASK, config_secrets, install
 
 PASSWORD = "Qu3ry-Passw0rd+x/y"  # what Redis is told (requirepass), and what redis-py sends

@@ -25,7 +25,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.simple_httpclient import HTTPStreamClosedError
 
 from server.auth import Authenticator
-from server.config import ConfigError, load_config, parse_config
+from server.config import ConfigError
+from server.config_file import load_config, parse_config
 from server.ratelimit import CACHE_SECONDS
 from server.redact import RedactFilter, Redactor, config_secrets
 from server.sandbox import DEFAULT_APPSECRET
