@@ -1,33 +1,21 @@
-"""The scheduler: refresh each source ahead of expiry, once, whatever the crowd does.
+"""The scheduler: when each source is fetched, once, whatever the crowd does.
 
-Three layers keep upstream calls to one per rotation:
-
-1. Single flight in the process: every reason to fetch a source (a tick, a forced
-   refresh, a dependent source) joins the one flight already running for it.
-2. A Redis lock across processes (``Store.acquire``): the loser waits for the winner's
-   value instead of calling upstream.  Under the lock the holder reads Redis again and
-   skips the call when someone refreshed meanwhile.
-3. Fencing on write (``Store.write``): a slow fetch never overwrites a newer value.
-
-One gate (:meth:`Refresher._gate`) decides whether a call may reach WeChat at all.
-Failures never store anything.  Transient ones back off exponentially with jitter
-(capped at ``refresh.backoff_max``), announced in Redis so every instance follows the
-same backoff, while the old value is served until it really expires.  Fatal ones (bad
-secret, IP not whitelisted...) block the source, and 45009 (daily quota) until midnight
-China time, announced in Redis too; only an operator's forced refresh (the
-``server.secret`` holder) or a restart tries again.
-
-When Redis is unreachable the refresher serves values from memory and refreshes them
-there when they are about to expire (never earlier: without the lock another instance
-may be refreshing too); once Redis answers again, every value it lacks is put back
-(:class:`Mirror`, checked every second), without an upstream call.
-
-A call whose answer is lost (a timeout, a dropped connection, a fetch cancelled at
-shutdown) may have issued a token nobody received, which leaves the stored one WeChat's
-"previous" token: its life is cut to 5 minutes.  The next call waits twice as long for
-its answer (up to 8 times ``refresh.timeout``), and after two lost answers in a row the
-stored token is checked with WeChat (``getcallbackip``, which costs no quota) and dropped
-when WeChat rejects it, so a slow WeChat never leaves a dead token served.
+- Refresh ahead of expiry: each tick (a ``PeriodicCallback``; the first pass runs at
+  ``start``) fetches the sources with no value or fewer than ``refresh.ahead`` seconds left.
+- Single flight in the process: every reason to fetch a source (a tick, a forced refresh, a
+  dependent source, a retry) joins the one flight already running for it.  Each flight is
+  carried out by the :class:`~server.fetcher.Fetcher` (the Redis lock, fencing, lost
+  answers): one upstream call per rotation across instances.
+- One gate (:meth:`Refresher.gate`) decides whether a call may reach WeChat at all.
+  Failures never store anything.  Transient ones back off exponentially with jitter
+  (capped at ``refresh.backoff_max``), announced in Redis so every instance follows the
+  same backoff, while the old value is served until it really expires.  Fatal ones (bad
+  secret, IP not whitelisted...) block the source, and 45009 (daily quota) until midnight
+  China time, announced in Redis too; only an operator's forced refresh (the
+  ``server.secret`` holder) or a restart tries again.
+- Reads never call upstream: :class:`~server.mirror.Mirror` serves Redis's value, or
+  memory's while Redis is unreachable, and puts back (checked every second) whatever
+  Redis lost.
 
 Durations (backoff, minimum intervals, remaining life) are measured on the monotonic
 clock; moments other instances compare are on Redis's clock (see :mod:`server.store`).
@@ -36,7 +24,6 @@ clock; moments other instances compare are on Redis's clock (see :mod:`server.st
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import math
 import random
@@ -49,9 +36,10 @@ from redis.exceptions import RedisError
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from server.config import RefreshConfig
+from server.fetcher import Fetcher
 from server.metrics import Metrics
 from server.mirror import Mirror
-from server.sources import Fetched, Source
+from server.sources import Source
 from server.state import (
     BackingOff,
     Blocked,
@@ -64,7 +52,7 @@ from server.state import (
     until_quota_reset,
     why_unavailable,
 )
-from server.store import Block, Entry, Lease, Snapshot, Store
+from server.store import Block, Entry, Snapshot, Store
 from server.upstream import ErrorKind, Upstream, UpstreamError
 
 logger = logging.getLogger(__name__)
@@ -102,6 +90,7 @@ class Refresher:
         self._stopping = False
         self._tasks: set[asyncio.Future[Any]] = set()  # ticks, retries, wake-ups under way
         self.mirror = Mirror(store, self.states, self._announced_block)
+        self.fetcher = Fetcher(self.sources, store, upstream, self.mirror, self.states, cfg, self.metrics, self)
         self._watch: PeriodicCallback | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -189,7 +178,7 @@ class Refresher:
 
     # --- refreshing ----------------------------------------------------------------------
 
-    def _needed(self, entry: Entry | None, want: Want) -> bool:
+    def needed(self, entry: Entry | None, want: Want) -> bool:
         """Whether a fetch is needed, given the freshest entry known."""
         if entry is None or entry.remaining() <= 0:
             return True
@@ -201,12 +190,12 @@ class Refresher:
             return want.old == entry.value
         return not (want.min_interval and entry.age() < self.cfg.force_min_interval)
 
-    def _fresh(self, name: str, want: Want) -> Entry | None:
+    def fresh(self, name: str, want: Want) -> Entry | None:
         """The entry that answers ``want`` without a fetch, or None when one is needed."""
         entry = self.states[name].entry
-        return None if self._needed(entry, want) else entry
+        return None if self.needed(entry, want) else entry
 
-    def _gate(self, name: str, want: Want, snap: Snapshot | None) -> None:
+    def gate(self, name: str, want: Want, snap: Snapshot | None) -> None:
         """Raise unless a call for ``name`` may reach WeChat now (the one place that says so)."""
         state = self.states[name]
         now = time.monotonic()
@@ -255,7 +244,7 @@ class Refresher:
                 raise
             except NotPermitted:
                 continue  # that flight's caller was refused its call, not this one
-            if entry.version > seen or not self._needed(entry, want):
+            if entry.version > seen or not self.needed(entry, want):
                 return entry
         flight = asyncio.ensure_future(self._fly(name, want))
         state.flight = flight
@@ -275,7 +264,7 @@ class Refresher:
         state = self.states[name]
         started = time.monotonic()
         try:
-            entry = await self._refresh_locked(name, want)
+            entry = await self.fetcher.run(name, want)
         except (Blocked, NotPermitted):
             raise
         except BackingOff as e:
@@ -309,353 +298,9 @@ class Refresher:
         now = time.monotonic()
         for other, source in self.sources.items():
             state = self.states[other]
-            if name in source.deps and state.flight is None and self._needed(state.entry, Want()):
+            if name in source.deps and state.flight is None and self.needed(state.entry, Want()):
                 if state.blocked(now) is None and now >= state.retry_at:
                     self._spawn(self._attempt(other))
-
-    def _lost(self, name: str, snap: Snapshot | None) -> int:
-        """Answers lost in a row: the instances' count in Redis, or this process's if higher
-        (Redis may have lost its count with its data)."""
-        return max(snap.lost if snap is not None else 0, self.states[name].lost_answers)
-
-    def _timeout(self, name: str, snap: Snapshot | None) -> float:
-        """Seconds to wait for an answer: ``refresh.timeout``, doubled for each answer lost in a
-        row (up to 2**MAX_TIMEOUT_GROWTH times), or as often as the last answered call needed:
-        a WeChat slower than the timeout issues a token on every call we give up on, so the
-        retry must wait longer than the call it lost, and the next rotation as long at once."""
-        doublings = min(max(self._lost(name, snap), snap.slow if snap is not None else 0), MAX_TIMEOUT_GROWTH)
-        return self.cfg.timeout * 2**doublings
-
-    async def _learn_slowness(self, name: str, timeout: float, took: float, known: int) -> None:
-        """After an answered call: keep the longer timeout while WeChat needs it, forget it
-        once an answer comes within ``refresh.timeout``."""
-        doublings = 0 if took <= self.cfg.timeout else round(math.log2(timeout / self.cfg.timeout))
-        if doublings != known:
-            try:
-                await self.store.set_slow(name, doublings)
-            except RedisError:
-                pass
-
-    @staticmethod
-    def _lease(timeout: float) -> float:
-        """Seconds the lock is taken for: it outlives the calls made under it (it is renewed
-        before a second call)."""
-        return 2 * timeout + 5
-
-    async def _refresh_locked(self, name: str, want: Want) -> Entry:
-        state = self.states[name]
-        snap = await self.mirror.read(name)
-        if fresh := self._fresh(name, want):
-            return fresh
-        if snap is None:  # reads skip Redis after an error: ask it once more for the lock
-            try:
-                snap = await self.mirror.read_now(name)
-            except RedisError:
-                return await self._refresh_without_redis(name, want)
-            if fresh := self._fresh(name, want):
-                return fresh
-        self._gate(name, want, snap)
-        # Dependencies first, so this source's lock is never held while waiting for them.
-        values = await self._dependency_values(name)
-        expected = self._timeout(name, snap)
-        lease_seconds = self._lease(expected)
-        deadline = time.monotonic() + lease_seconds + expected
-        while True:
-            known = state.entry.version if state.entry is not None else 0
-            try:
-                lease = await self.store.acquire(name, lease_seconds, known)
-            except RedisError:
-                return await self._refresh_without_redis(name, want, values)
-            if lease is not None:
-                break
-            seen = await self._wait_for_other(name, snap.version, deadline)
-            if seen is None:
-                raise Unavailable(f"source {name}: another instance holds the refresh lock")
-            # A value stored since we asked answers a forced refresh too, as a joined
-            # flight does in one process.  Else the holder let go: take the lock in turn
-            # (its failure, if any, is announced: the gate under the lock will say so).
-            if seen.entry is not None and seen.version != snap.version and (want.force or not self._needed(seen.entry, want)):
-                return seen.entry
-            if fresh := self._fresh(name, want):
-                return fresh
-            snap = seen  # the next wait looks for a change from here
-        calling = False
-        try:
-            snap = await self.mirror.read_now(name)  # under the lock: did someone refresh meanwhile?
-            if fresh := self._fresh(name, want):
-                return fresh
-            self._gate(name, want, snap)
-            timeout = self._timeout(name, snap)
-            if self._lost(name, snap) >= 2 and snap.entry is not None:
-                await self._keep_lock(name, lease.token, self.cfg.timeout + self._lease(timeout))
-                await self._verify(name, snap.entry)
-            if want.permit is not None:
-                await want.permit()
-            # Answers lost while we waited for the lock make the call longer than the lease
-            # taken for it: renew it for this call.
-            await self._keep_lock(name, lease.token, self._lease(timeout))
-            calling = True
-            started = time.monotonic()
-            entry = await self._fetch_and_store(name, want.force, values, lease, timeout)
-            await self._learn_slowness(name, timeout, time.monotonic() - started, snap.slow)
-            return entry
-        except UpstreamError as e:
-            if e.kind is ErrorKind.QUOTA and want.force and self.sources[name].cfg.force:
-                # stable_token: 45009 to force_refresh means the 20 forced calls of the day
-                # are spent, not the source: ordinary refreshes go on.
-                state.force_spent_until = time.monotonic() + await self._until_quota_reset()
-                logger.error("source %s: forced refreshes used up for today (errcode 45009: %s); ordinary refreshes go on", name, e.errmsg)
-                raise Blocked(f"source {name}: today's forced refreshes are used up (45009)") from None
-            lost = e.maybe_issued and self._rotates(name, want)
-            # Announce before releasing the lock, so no other instance slips a call in.
-            await self._announce(name, e, snap, lost)
-            if lost:
-                state.lost_answers += 1
-                await self._answer_lost(name)
-            raise
-        except asyncio.CancelledError:
-            # Cancelled (a shutdown gave up waiting) while the call was in the air: the
-            # answer is lost as surely as after a timeout.
-            if calling and self._rotates(name, want):
-                state.lost_answers += 1
-                await asyncio.shield(self._answer_lost(name))
-            raise
-        finally:
-            try:
-                await asyncio.shield(self.store.release(name, lease.token))
-            except RedisError:
-                pass  # the lease expires by itself
-
-    def _rotates(self, name: str, want: Want) -> bool:
-        """Whether a call for ``name`` issues a new value, retiring all but the one before
-        it: the classic endpoint always, stable_token only when forced."""
-        return want.force or not self.sources[name].cfg.force
-
-    async def _answer_lost(self, name: str) -> None:
-        """WeChat may have issued a value we never saw, leaving the stored one 5 minutes
-        (its "previous" token): shorten its life, in Redis and memory, so it is refreshed in time."""
-        entry = self.states[name].entry
-        if entry is None:
-            return
-        try:
-            if await self.store.cap_life(name, entry.value, self.cfg.overlap):
-                await self.mirror.read_now(name)
-                logger.warning("source %s: an answer was lost; the stored value may be WeChat's previous one: its life is cut to %.0fs", name, self.cfg.overlap)
-        except RedisError:
-            if entry.remaining() > self.cfg.overlap:
-                self.states[name].entry = dataclasses.replace(entry, expires_at=time.monotonic() + self.cfg.overlap)
-
-    async def _verify(self, name: str, entry: Entry) -> None:
-        """After two lost answers in a row WeChat has probably issued two values we never saw,
-        which kills the stored one.  Ask WeChat (``getcallbackip``: no quota) and drop the
-        stored value when it is rejected: a 503 is better than a dead token."""
-        request = self.sources[name].check_request(entry.value)
-        if request is None:
-            return
-        alive = await self.upstream.check(request, self.cfg.timeout)
-        if alive is False:
-            logger.error("source %s: WeChat rejects the stored value after lost answers; dropping it until a new one arrives", name)
-            await self.store.drop(name, entry.value)
-            await self.mirror.read_now(name)
-
-    async def _until_quota_reset(self) -> float:
-        """Seconds until midnight China time, on Redis's clock (the host's if Redis is unreachable)."""
-        try:
-            now = await self.store.time()
-        except RedisError:
-            now = time.time()
-        return until_quota_reset(now)
-
-    async def _refresh_without_redis(self, name: str, want: Want, values: dict[str, str] | None = None) -> Entry:
-        """Redis is unreachable: no lock, no fencing.  Refresh in memory only a value about
-        to expire: earlier, another instance may be refreshing too, and two fetches retire
-        each other's tokens.  A forced refresh needs the lock, except the operator's."""
-        entry = self.states[name].entry
-        if want.force and not want.ignore_backoff:
-            raise Unavailable(f"source {name}: redis unreachable; a forced refresh needs its lock, try again shortly")
-        if not want.force and entry is not None and entry.remaining() > self.cfg.interval + self.cfg.timeout:
-            return entry
-        self._gate(name, want, None)
-        if values is None:
-            values = await self._dependency_values(name)
-        if want.permit is not None:
-            await want.permit()
-        return await self._fetch_and_store(name, want.force, values, None, self._timeout(name, None))
-
-    async def _announce(self, name: str, err: UpstreamError, snap: Snapshot, lost: bool) -> None:
-        """Tell the other instances: back off (transient), or make no call (fatal, quota)."""
-        state = self.states[name]
-        try:
-            if err.kind is ErrorKind.TRANSIENT:
-                failures = max(state.failures, snap.failures) + 1
-                state.failures = failures - 1  # _failed adds ours: the count is the cluster's
-                await self.store.set_backoff(name, self._backoff_floor(failures, err), failures, lost)
-            elif err.kind is ErrorKind.FATAL:
-                await self.store.set_blocked(name, Block("fatal", err.errcode or 0, err.errmsg), None)
-            elif err.kind is ErrorKind.QUOTA:
-                await self.store.set_blocked(name, Block("quota", err.errcode or 0, err.errmsg), await self._until_quota_reset())
-        except RedisError:
-            pass
-
-    async def _wait_for_other(self, name: str, version: int, deadline: float) -> Snapshot | None:
-        """Poll while another process holds the lock.  What Redis holds once a new value is
-        stored or the lock is released; None at ``deadline``."""
-        delay = 0.05
-        while time.monotonic() < deadline:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
-            snap = await self.store.read(name)
-            if snap.version == version and await self.store.locked(name):
-                continue
-            if snap.version == version:
-                snap = await self.store.read(name)  # released: one last look
-            self.mirror.adopt(name, snap)
-            return snap
-        return None
-
-    async def _fetch_and_store(self, name: str, force: bool, values: dict[str, str], lease: Lease | None, timeout: float) -> Entry:
-        """Call upstream and store the value with the lease's version (None: Redis is
-        unreachable, keep it in memory).  The lease is renewed before a second call."""
-        started = time.monotonic()
-        fetched = await self._call_upstream(name, force, values, lease.token if lease else None, timeout)
-        life = min(fetched.expires_in, self.cfg.max_ttl)
-        state = self.states[name]
-        self._succeeded(name)
-        current = state.entry
-        if not force and current is not None and fetched.value == current.value and current.remaining() > 0:
-            return await self._confirmed(name, current, started + life)
-        if lease is not None:
-            version = lease.version
-        else:
-            # No shared clock: this host's, kept above every version this process knows.
-            version = max(int(time.time() * 1e6), (current.version if current else 0) + 1)
-        entry = Entry(fetched.value, started + life, started, version, fetched.field)
-        if lease is not None:
-            try:
-                if not await self.store.write(name, entry):
-                    return await self._fenced_out(name, fetched)
-            except RedisError:
-                lease = None
-        state.entry = entry
-        if lease is None:
-            logger.warning("source %s: new value %s... kept in memory only (redis unreachable)", name, fetched.value[:6])
-        else:
-            logger.info("source %s: new value %s... stored, life %.0fs", name, fetched.value[:6], life)
-        return entry
-
-    async def _confirmed(self, name: str, current: Entry, expires_at: float) -> Entry:
-        """Upstream answered with the value we hold: stable_token in normal mode does until
-        WeChat renews it (about 300 s before expiry).  Asking every tick until then would
-        only burn calls, so no instance asks again for half of its remaining life.  Nothing
-        is rewritten: it is no new value (no new version, force_min_interval not re-armed)."""
-        now = time.monotonic()
-        wait = max(self.cfg.interval, (min(expires_at, current.expires_at) - now) / 2)
-        entry = dataclasses.replace(current, same_until=now + wait)
-        self.states[name].entry = entry
-        try:
-            await self.store.mark_same(name, current.value, wait)
-        except RedisError:
-            pass
-        logger.info("source %s: upstream returned the same value (%.0fs left); next try in %.0fs", name, current.remaining(), wait)
-        return entry
-
-    def _succeeded(self, name: str) -> None:
-        """An upstream call answered with a value: the source is healthy again."""
-        state = self.states[name]
-        if state.failures or state.block:
-            logger.info("source %s: recovered after %d failed attempts", name, state.failures)
-        state.healthy()
-        state.block, state.stale_recovery_failed, state.lost_answers = None, False, 0
-
-    async def _fenced_out(self, name: str, fetched: Fetched) -> Entry:
-        """A value fetched after ours (a higher version: our lock expired while our slow
-        call ran) is stored: keep it, discard ours."""
-        snap = await self.mirror.read_now(name)
-        if snap.entry is not None and snap.entry.value != fetched.value:
-            # WeChat may have issued ours after theirs (requests cross on the way), making
-            # theirs the "previous" token, valid 5 more minutes only.  Let it be refreshed soon.
-            await self.store.cap_life(name, snap.entry.value, self.cfg.overlap)
-            snap = await self.mirror.read_now(name)
-        logger.warning("source %s: a value fetched after ours was stored while our fetch ran; keeping it, discarding ours", name)
-        if snap.entry is None:
-            raise Unavailable(f"source {name}: a newer value was stored while our fetch ran, and has gone since")
-        return snap.entry
-
-    async def _call_upstream(self, name: str, force: bool, values: dict[str, str], token: str | None, timeout: float) -> Fetched:
-        """One upstream call; on a stale dependency (40001...), refresh it once and retry once.
-
-        If that recovery already failed and this source has not succeeded since, a stale
-        answer is an ordinary failure: forcing the token again would rotate it (and cut
-        every business server's copy to 5 minutes) on every retry, in every instance.
-        """
-        source = self.sources[name]
-        state = self.states[name]
-        try:
-            return await self._upstream_fetch(source, values, force, timeout)
-        except UpstreamError as e:
-            if e.kind is not ErrorKind.STALE_TOKEN:
-                raise
-            if state.stale_recovery_failed:
-                e.kind = ErrorKind.TRANSIENT  # backed off (and announced) like any failure
-                raise
-            logger.warning("source %s: errcode %s with the current %s; refreshing it once", name, e.errcode, "/".join(source.deps))
-        # Refresh each dependency only if the value we used is still current: when someone
-        # else already rotated it, we simply take the new one.  Its gate applies (a blocked
-        # or backing-off token is not fetched for us), and its failure is its own.
-        await self._keep_lock(name, token, self._lease(timeout))
-        for dep in source.deps:
-            try:
-                values[dep] = (await self.refresh(dep, force=True, old=values[dep], min_interval=False)).value
-            except (UpstreamError, Unavailable) as err:
-                state.stale_recovery_failed = True  # not again on every tick while the token fails
-                raise DependencyUnavailable(f"{dep} could not be refreshed ({err})") from None
-        await self._keep_lock(name, token, self._lease(timeout))
-        try:
-            return await self._upstream_fetch(source, values, force, timeout)
-        except UpstreamError as e:
-            if e.kind is ErrorKind.STALE_TOKEN:
-                state.stale_recovery_failed = True
-                e.kind = ErrorKind.TRANSIENT  # from now on, backed off like any failure
-            raise
-
-    async def _keep_lock(self, name: str, token: str | None, lease: float) -> None:
-        """Renew the lease (``lease`` seconds) before more calls under the lock; give up if it was lost."""
-        if token is None:
-            return
-        try:
-            held = await self.store.extend(name, token, lease)
-        except RedisError:
-            return  # cannot tell; fencing still guards the write
-        if not held:
-            raise Unavailable(f"source {name}: lost the refresh lock; another instance takes over")
-
-    async def _upstream_fetch(self, source: Source, values: dict[str, str], force: bool, timeout: float) -> Fetched:
-        """One counted, timed upstream call that waits ``timeout`` seconds for its answer."""
-        self.states[source.name].upstream_calls += 1
-        started = time.monotonic()
-        result = "ok"
-        try:
-            return await self.upstream.fetch(source, source.build_request(values, force), timeout)
-        except UpstreamError as e:
-            result = e.kind.value
-            raise
-        finally:
-            self.metrics.observe_upstream(source.name, result, time.monotonic() - started)
-
-    async def _dependency_values(self, name: str) -> dict[str, str]:
-        return {dep: (await self._dependency(dep)).value for dep in self.sources[name].deps}
-
-    async def _dependency(self, dep: str) -> Entry:
-        """A valid value of ``dep`` for a dependent's request, fetched if due (through its gate)."""
-        state = self.states[dep]
-        if state.entry is not None and state.entry.remaining() >= self.cfg.ahead:
-            return state.entry
-        try:
-            return await self.refresh(dep)
-        except (UpstreamError, Unavailable) as e:
-            if state.entry is not None and state.entry.remaining() > 0:
-                return state.entry  # not renewed now, but still valid
-            raise DependencyUnavailable(f"{dep} has no valid value ({e})") from None
 
     # --- failures ------------------------------------------------------------------------
 
