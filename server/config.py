@@ -126,6 +126,7 @@ class SourceConfig:
 class JssdkConfig:
     allowed_domains: list[str] = opt(help="hosts whose pages may be signed: shop.example.com, or *.example.com for its subdomains", factory=list)
     public: bool = opt(False, "browsers on allowed_domains may ask for a signature without a secret (CORS for exactly those origins)")
+    public_per_minute: int = opt(120, "public mode: signatures per client IP (IPv6: per /64) per minute before 429, across instances")
 
 
 @dataclass(frozen=True)
