@@ -206,10 +206,16 @@ def _check(name: str, acc: AccountConfig) -> None:
     if acc.api_base and not re.match(r"^https?://[^\s/]+/?$", acc.api_base):
         raise ConfigError(f"{path}.api_base: an origin like https://api.weixin.qq.com (no path)")
     for i, domain in enumerate(acc.jssdk.allowed_domains):
-        if not re.match(r"^(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:\d+)?$", domain):
+        found = re.fullmatch(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:(\d{1,5}))?", domain)
+        if not found or (found[4] is not None and not 0 < int(found[4]) <= 65535):
             raise ConfigError(f"{path}.jssdk.allowed_domains[{i}]: {domain!r}; a host like shop.example.com or *.example.com")
+        # "*.com" would let every .com site sign as this account: a wildcard needs a registrable name.
+        if domain.startswith("*.") and "." not in domain[2:].partition(":")[0]:
+            raise ConfigError(f"{path}.jssdk.allowed_domains[{i}]: {domain!r}; a wildcard covers the subdomains of a name like *.example.com")
     if acc.jssdk.public and not acc.jssdk.allowed_domains:
         raise ConfigError(f"{path}.jssdk.public: needs jssdk.allowed_domains (the only pages a browser may sign)")
+    if acc.jssdk.public_per_minute < 1:
+        raise ConfigError(f"{path}.jssdk.public_per_minute: at least 1 (a public signer must be rate-limited, not shut)")
 
 
 def expand(cfg: Config) -> Config:

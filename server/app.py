@@ -18,7 +18,7 @@ import signal
 import socket
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import tornado.netutil
@@ -41,6 +41,7 @@ from server.handlers import (
     TokenHandler,
     log_request,
 )
+from server.jssdk_handler import JssdkConfigHandler, public_limits
 from server.listener import GuardedHTTPServer
 from server.ratelimit import SharedLimit
 from server.refresher import Refresher
@@ -51,13 +52,24 @@ from server.upstream import Upstream
 logger = logging.getLogger(__name__)
 
 
-def make_app(refresher: Refresher, auth: Authenticator, active: ActiveRequests, accounts: Accounts) -> tornado.web.Application:
-    """The HTTP application over built parts (see handlers for each endpoint)."""
+def make_app(
+    refresher: Refresher,
+    auth: Authenticator,
+    active: ActiveRequests,
+    accounts: Accounts,
+    jssdk_limits: Mapping[str, SharedLimit] | None = None,
+) -> tornado.web.Application:
+    """The HTTP application over built parts (see handlers for each endpoint).
+
+    ``jssdk_limits``: the per-IP limit of each account whose JS-SDK signing is public (see
+    server.jssdk_handler); an account without one is not served publicly.
+    """
     deps = {"refresher": refresher, "auth": auth, "active": active, "accounts": accounts}
     return tornado.web.Application(
         [
             (r"/wechat/token", TokenHandler, deps),
             (r"/wechat/token/forcerefresh", ForceRefreshHandler, deps),
+            (r"/wechat/jssdk/config", JssdkConfigHandler, {**deps, "public_limits": jssdk_limits or {}}),
             (r"/healthz", HealthHandler, deps),
             (r"/status", StatusHandler, deps),
             (r"/metrics", MetricsHandler, deps),
@@ -120,10 +132,11 @@ async def start(cfg: Config) -> Running:
         logger.info("first refresh pass done in %.2fs: %s", time.monotonic() - started, _summary(refresher))
         active = ActiveRequests()
         auth = Authenticator(cfg, *shared_limits(store, cfg))
+        accounts = Accounts.from_config(cfg)
         # The API takes no body: refuse big ones early, and do not wait long for slow ones.
         # Refused peers are closed at accept, heads get server.header_timeout (server.listener).
         http = GuardedHTTPServer(
-            make_app(refresher, auth, active, Accounts.from_config(cfg)),
+            make_app(refresher, auth, active, accounts, public_limits(store.redis, cfg.redis.prefix, accounts)),
             admit=auth.accepts_peer,
             header_timeout=cfg.server.header_timeout,
             max_body_size=4096,

@@ -2,13 +2,12 @@
 
 Each section is a frozen dataclass.  A field's type is the schema, its default is the
 default, and ``metadata["help"]`` is the text shown in errors and in the README's
-reference.  :func:`load_config` reads a file, expands ``${ENV_VAR}`` (and
-``${ENV_VAR:-default}``) inside string values, converts every section against its
-dataclass and then checks the rules that span keys (dependencies between sources,
-placeholder secrets, refresh timings).  Any problem raises :class:`ConfigError` whose
-message is one line: ``the.key.path: what is wrong; what to do``.
+reference.  :func:`validate` checks the rules that span keys (dependencies between
+sources, placeholder secrets, refresh timings).  Any problem raises :class:`ConfigError`
+whose message is one line: ``the.key.path: what is wrong; what to do``.
 
-YAML only, loaded with ``yaml.safe_load``: the config never executes code.
+Reading a file (YAML, ``${ENV_VAR}`` expansion, conversion against these dataclasses,
+accounts expanded into sources) is :mod:`server.config_file`'s.
 """
 
 from __future__ import annotations
@@ -119,6 +118,7 @@ class SourceConfig:
 class JssdkConfig:
     allowed_domains: list[str] = opt(help="hosts whose pages may be signed: shop.example.com, or *.example.com for its subdomains", factory=list)
     public: bool = opt(False, "browsers on allowed_domains may ask for a signature without a secret (CORS for exactly those origins)")
+    public_per_minute: int = opt(120, "public mode: signatures per client IP (IPv6: per /64) per minute before 429, across instances")
 
 
 @dataclass(frozen=True)

@@ -15,23 +15,33 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
+from server.sandbox import DEFAULT_APPID, DEFAULT_APPSECRET, DEFAULT_CORPID, DEFAULT_CORPSECRET
 from tests.conftest import TEST_SECRET
 
 SHOP_SECRET = "shop-secret-0123456789abcdefXYZ"
 KEY1 = "jwt-key-one-0123456789abcdefghijklmnop"
-ROUTES = ["/wechat/token", "/wechat/token/forcerefresh", "/healthz", "/status"]
+ROUTES = ["/wechat/token", "/wechat/token/forcerefresh", "/healthz", "/status", "/wechat/jssdk/config"]
 
 
 @pytest.fixture(autouse=True)
 def watch_our_secrets(secret_watch):
-    secret_watch.secrets.update({SHOP_SECRET, KEY1})
+    secret_watch.secrets.update({SHOP_SECRET, KEY1, DEFAULT_CORPSECRET})
 
 
-def hostile_config(make_config):
+def hostile_config(make_config, sandbox_url):
+    # Two accounts beside the plain sources (so neither is the default and the plain names stay
+    # the sources'): "web" signs JS-SDK pages publicly, "corp" is a WeCom app with both tickets.
+    accounts = {
+        "web": {"appid": DEFAULT_APPID, "secret": DEFAULT_APPSECRET, "tickets": ["jsapi"], "api_base": sandbox_url,
+                "jssdk": {"allowed_domains": ["shop.example.com"], "public": True, "public_per_minute": 1_000_000}},
+        "corp": {"kind": "wecom", "corpid": DEFAULT_CORPID, "corpsecret": DEFAULT_CORPSECRET, "agentid": 1000002,
+                 "tickets": ["jsapi", "agent_config"], "api_base": sandbox_url, "jssdk": {"allowed_domains": ["shop.example.com"]}},
+    }
     return make_config(
         server={"auth_failures_per_minute": 1_000_000},  # keep the generated requests reaching the handlers
         clients=[{"name": "shop", "secret": SHOP_SECRET, "sources": ["access_token"]}],
         jwt={"keys": {"k1": KEY1}},
+        accounts=accounts,
     )
 
 
@@ -60,8 +70,8 @@ def assert_json_error(status, body, expected_status=None):
         ("type=access_token&secret=a&secret=b", "repeated argument secret"),
     ],
 )
-async def test_malformed_query_is_a_400(query, errmsg, make_config, start_server, call):
-    srv = await start_server(hostile_config(make_config))
+async def test_malformed_query_is_a_400(query, errmsg, make_config, sandbox_url, start_server, call):
+    srv = await start_server(hostile_config(make_config, sandbox_url))
     for path in ("/wechat/token", "/wechat/token/forcerefresh"):
         status, body = await call(srv.port, path, query=query)
         assert_json_error(status, body, 400)
@@ -69,8 +79,8 @@ async def test_malformed_query_is_a_400(query, errmsg, make_config, start_server
 
 
 @pytest.mark.gen_test
-async def test_repeated_secret_is_ambiguous_not_a_guess(make_config, start_server, call):
-    srv = await start_server(hostile_config(make_config))
+async def test_repeated_secret_is_ambiguous_not_a_guess(make_config, sandbox_url, start_server, call):
+    srv = await start_server(hostile_config(make_config, sandbox_url))
     query = f"type=access_token&secret={quote(TEST_SECRET)}&secret=wrong-wrong-wrong-wrong"
     status, body = await call(srv.port, "/wechat/token", headers={}, query=query)
     assert_json_error(status, body, 400)
@@ -78,8 +88,8 @@ async def test_repeated_secret_is_ambiguous_not_a_guess(make_config, start_serve
 
 
 @pytest.mark.gen_test
-async def test_unknown_type_reaches_neither_redis_nor_upstream(make_config, start_server, call, redis_sync, sandbox):
-    srv = await start_server(hostile_config(make_config))
+async def test_unknown_type_reaches_neither_redis_nor_upstream(make_config, sandbox_url, start_server, call, redis_sync, sandbox):
+    srv = await start_server(hostile_config(make_config, sandbox_url))
     keys = set(redis_sync.keys("*"))
     calls = dict(sandbox.calls)
     for name in ("access_token:lock", "access_token:meta", "*", "ticket ", " ticket", "TICKET", "../ticket",
@@ -93,8 +103,8 @@ async def test_unknown_type_reaches_neither_redis_nor_upstream(make_config, star
 
 
 @pytest.mark.gen_test
-async def test_repeated_credential_headers_and_other_methods(make_config, start_server, call):
-    srv = await start_server(hostile_config(make_config))
+async def test_repeated_credential_headers_and_other_methods(make_config, sandbox_url, start_server, call):
+    srv = await start_server(hostile_config(make_config, sandbox_url))
     client = AsyncHTTPClient(force_instance=True)
     try:
         from tornado.httputil import HTTPHeaders
@@ -142,7 +152,10 @@ _raw = st.sampled_from(["%", "%zz", "%%", "=", "&", ";", "==", "+", "%00", "%C0%
 def queries(draw):
     """A plausible start (often a valid request) followed by generated parts."""
     start = st.one_of(
-        st.sampled_from(["type=access_token", "type=ticket", "type=access_token&old=x", ""]),
+        st.sampled_from(["type=access_token", "type=ticket", "type=access_token&old=x", "",
+                         "url=https%3A%2F%2Fshop.example.com%2Fa%3Fb%3D1%23c&account=web", "url=https%3A%2F%2Fshop.example.com%2F&account=corp&type=agent_config"]),
+        _values.map(lambda v: f"url={_encode(v)}&account=web"),
+        _values.map(lambda v: f"url=https%3A%2F%2Fshop.example.com%2F&account={_encode(v)}"),
         _values.map(lambda v: f"type={_encode(v)}"),
         _values.map(lambda v: f"type=access_token&old={_encode(v)}"),
     )
@@ -167,6 +180,7 @@ _header_values = st.one_of(
             TEST_SECRET, SHOP_SECRET, f"Bearer {TEST_SECRET}", f"bearer {SHOP_SECRET}", "Bearer ", "Basic Zm9vOmJhcg==",
             "Bearer eyJ.e30.", "Bearer a.b.c", "10.1.2.3", "::1", "1.2.3.4, 5.6.7.8", "garbage", "999.1.1.1",
             "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/json",
+            "https://shop.example.com", "https://evil.example", "null",
         ]
     ),
     _header_text,
@@ -182,8 +196,8 @@ _methods = st.sampled_from(["GET"] * 8 + ["HEAD", "POST", "PUT", "DELETE", "PATC
 _paths = st.sampled_from(ROUTES[:2] * 3 + ROUTES[2:] * 2 + ["/", "/wechat/token/", "/wechat/token/x", "/%FF", "/wechat/%00token", "/..%2f..%2fetc/passwd"])
 
 
-def test_generated_requests_get_a_json_answer_below_500(io_loop, make_config, start_server, call):
-    srv = io_loop.run_sync(lambda: start_server(hostile_config(make_config)))
+def test_generated_requests_get_a_json_answer_below_500(io_loop, make_config, sandbox_url, start_server, call):
+    srv = io_loop.run_sync(lambda: start_server(hostile_config(make_config, sandbox_url)))
     credentials = {
         "default": {"X-Token-Secret": TEST_SECRET},
         "shop": {"Authorization": f"Bearer {SHOP_SECRET}"},
@@ -197,6 +211,10 @@ def test_generated_requests_get_a_json_answer_below_500(io_loop, make_config, st
     @example(method="GET", path="/wechat/token", query="type=access_token", headers={}, credential="default", body=None)
     @example(method="GET", path="/wechat/token/forcerefresh", query="type=ticket&old=x", headers={}, credential="jwt_bot", body=None)
     @example(method="GET", path="/status", query="", headers={}, credential="shop", body=None)
+    @example(method="GET", path="/wechat/jssdk/config", query="url=https%3A%2F%2Fshop.example.com%2F&account=corp&type=agent_config",
+             headers={}, credential="default", body=None)
+    @example(method="OPTIONS", path="/wechat/jssdk/config", query="url=x&account=web", headers={"Origin": "https://shop.example.com"},
+             credential=None, body=None)
     @given(
         method=_methods,
         path=_paths,
@@ -211,8 +229,8 @@ def test_generated_requests_get_a_json_answer_below_500(io_loop, make_config, st
         status, answer = io_loop.run_sync(lambda: call(srv.port, path, method=method, headers=headers, query=query, body=body))
         seen.add(status)
         assert 200 <= status < 500, (status, answer)
-        if method == "HEAD":
-            return  # no body by definition
+        if method == "HEAD" or status == 204:
+            return  # no body by definition (204: the CORS preflight of a public JS-SDK account)
         assert isinstance(answer, dict), answer
         if status >= 400:
             assert_json_error(status, answer)
