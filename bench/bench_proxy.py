@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Proxy overhead: the same WeChat API call straight to the sandbox, and through this server.
+
+Starts the WeChat sandbox (``python -m server.sandbox``), one redis-server and one
+``token_server.py`` whose account points its ``api_base`` at the sandbox, takes the token the
+server holds, then runs ``wrk`` (Debian's ``wrk``; 1 thread, 10 connections by default)
+against ``GET /cgi-bin/getcallbackip?access_token=T``:
+
+- **direct**: at the sandbox, as an SDK would call WeChat;
+- **through**: at the server, which checks that it issued T, puts its current token in the
+  query, forwards the call to the sandbox and passes the answer back.
+
+Rounds alternate direct and through (so a load spike hits both), and the table shows each
+side's median over the rounds and the ratio through / direct.  Not a test: nothing asserts.
+
+    python bench/bench_proxy.py
+    python bench/bench_proxy.py --seconds 10 --rounds 5 --connections 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+
+from helpers_procs import SandboxProc, TokenServerProc, proc_config  # noqa: E402
+
+from server.embedded_redis import EmbeddedRedis  # noqa: E402
+from server.sandbox import DEFAULT_APPID, DEFAULT_APPSECRET  # noqa: E402
+
+PATH = "/cgi-bin/getcallbackip"
+
+
+@dataclass
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def _ms(text: str) -> float:
+    value, unit = float(re.match(r"[\d.]+", text).group()), re.sub(r"[\d.]+", "", text)  # type: ignore[union-attr]
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url: str, seconds: float, connections: int) -> Run:
+    """One wrk run; requests per second, p50 and p99 latency, non-2xx and socket errors."""
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    return Run(rps, p50, p99, errors)
+
+
+async def main_async(args: argparse.Namespace, workdir: str) -> int:
+    redis = EmbeddedRedis(os.path.join(workdir, "redis"), persistent=False)
+    sandbox = SandboxProc(workdir)
+    server: TokenServerProc | None = None
+    try:
+        redis.start()
+        sandbox_url = sandbox.start()
+        account = {"appid": DEFAULT_APPID, "secret": DEFAULT_APPSECRET, "token": "classic", "api_base": sandbox_url}
+        cfg = proc_config(redis.url, sandbox_url, sources={}, accounts={"main": account})
+        server = TokenServerProc(cfg, workdir, "ts").start()
+        await server.wait_ready()
+        token = await server.token()
+        direct, through = f"{sandbox_url}{PATH}?access_token={token}", f"{server.base}{PATH}?access_token={token}"
+        for url in (direct, through):  # warm up, and check that both answer
+            wrk(url, 1, args.connections)
+        runs: dict[str, list[Run]] = {"direct": [], "through": []}
+        for _ in range(args.rounds):
+            runs["direct"].append(wrk(direct, args.seconds, args.connections))
+            runs["through"].append(wrk(through, args.seconds, args.connections))
+    finally:
+        if server is not None:
+            await server.stop()
+        sandbox.kill()
+        redis.stop()
+
+    def med(side: str, key: str) -> float:
+        return statistics.median(getattr(r, key) for r in runs[side])
+
+    print(f"\nGET {PATH}: wrk -t1 -c{args.connections} -d{args.seconds:g}s, {args.rounds} alternating rounds, medians")
+    print(f"{'':10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    for side in ("direct", "through"):
+        errors = sum(r.errors for r in runs[side])
+        print(f"{side:10} {med(side, 'rps'):9.0f} {med(side, 'p50_ms'):8.2f} {med(side, 'p99_ms'):8.2f} {errors:7d}")
+    print(f"ratio through/direct: {med('through', 'rps') / med('direct', 'rps'):.2f}")
+    print("rounds (req/s): " + "; ".join(f"{d.rps:.0f} / {t.rps:.0f}" for d, t in zip(runs["direct"], runs["through"])))
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=5.0, help="seconds per wrk run (default 5)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    p.add_argument("--connections", type=int, default=10, help="wrk connections (default 10)")
+    args = p.parse_args()
+    if shutil.which("wrk") is None:
+        print("needs wrk (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
+    workdir = tempfile.mkdtemp(prefix="bench-proxy-")
+    try:
+        return asyncio.run(main_async(args, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
