@@ -103,7 +103,7 @@ async def main_async(args: argparse.Namespace, workdir: str) -> int:
         errors = sum(r.errors for r in runs[side])
         print(f"{side:10} {med(side, 'rps'):9.0f} {med(side, 'p50_ms'):8.2f} {med(side, 'p99_ms'):8.2f} {errors:7d}")
     print(f"ratio through/direct: {med('through', 'rps') / med('direct', 'rps'):.2f}")
-    print("rounds (req/s): " + "; ".join(f"{d.rps:.0f} / {t.rps:.0f}" for d, t in zip(runs["direct"], runs["through"])))
+    print("rounds (req/s): " + "; ".join(f"{d.rps:.0f} / {t.rps:.0f}" for d, t in zip(runs["direct"], runs["through"], strict=True)))
     return 0
 
 
