@@ -31,6 +31,7 @@ from server.accounts import Accounts
 from server.auth import Authenticator
 from server.config import Config
 from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from server.face import Face, add_face
 from server.handlers import (
     ActiveRequests,
     ForceRefreshHandler,
@@ -51,10 +52,14 @@ from server.upstream import Upstream
 logger = logging.getLogger(__name__)
 
 
-def make_app(refresher: Refresher, auth: Authenticator, active: ActiveRequests, accounts: Accounts) -> tornado.web.Application:
-    """The HTTP application over built parts (see handlers for each endpoint)."""
+def make_app(refresher: Refresher, auth: Authenticator, active: ActiveRequests, accounts: Accounts, face: Face | None = None) -> tornado.web.Application:
+    """The HTTP application over built parts (see handlers for each endpoint).
+
+    ``face`` (None: ``face: false``) adds the WeChat-shaped face after these routes, which
+    keep precedence (see server.face).
+    """
     deps = {"refresher": refresher, "auth": auth, "active": active, "accounts": accounts}
-    return tornado.web.Application(
+    app = tornado.web.Application(
         [
             (r"/wechat/token", TokenHandler, deps),
             (r"/wechat/token/forcerefresh", ForceRefreshHandler, deps),
@@ -67,6 +72,10 @@ def make_app(refresher: Refresher, auth: Authenticator, active: ActiveRequests, 
         log_function=log_request,
         compress_response=False,
     )
+    # --- the WeChat-shaped face (server.face) ---
+    if face is not None:
+        add_face(app, face, deps)
+    return app
 
 
 @dataclass
@@ -83,6 +92,8 @@ class Running:
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     #: takes the log throttle (server.logthrottle) off again
     unthrottle: Callable[[], None] = lambda: None
+    #: the WeChat-shaped face (None: ``face: false``); its HTTP client is closed at stop
+    face: Face | None = None
 
 
 def redis_url(cfg: Config) -> tuple[str | None, EmbeddedRedis | None]:
@@ -107,6 +118,7 @@ async def start(cfg: Config) -> Running:
     url, embedded = redis_url(cfg)
     store: Store | None = None
     upstream: Upstream | None = None
+    face: Face | None = None
     sockets: list[socket.socket] = []
     try:
         sockets = tornado.netutil.bind_sockets(cfg.server.port, cfg.server.host)
@@ -120,10 +132,12 @@ async def start(cfg: Config) -> Running:
         logger.info("first refresh pass done in %.2fs: %s", time.monotonic() - started, _summary(refresher))
         active = ActiveRequests()
         auth = Authenticator(cfg, *shared_limits(store, cfg))
+        accounts = Accounts.from_config(cfg)
+        face = Face.build(refresher, accounts, cfg.refresh.overlap) if cfg.face else None
         # The API takes no body: refuse big ones early, and do not wait long for slow ones.
         # Refused peers are closed at accept, heads get server.header_timeout (server.listener).
         http = GuardedHTTPServer(
-            make_app(refresher, auth, active, Accounts.from_config(cfg)),
+            make_app(refresher, auth, active, accounts, face),
             admit=auth.accepts_peer,
             header_timeout=cfg.server.header_timeout,
             max_body_size=4096,
@@ -137,12 +151,14 @@ async def start(cfg: Config) -> Running:
             await store.close()
         if upstream is not None:
             upstream.close()
+        if face is not None:
+            face.close()
         if embedded is not None:
             embedded.stop()
         raise
     port = sockets[0].getsockname()[1]
     logger.info("listening on http://%s:%d", cfg.server.host, port)
-    return Running(http, active, refresher, store, upstream, embedded, port, unthrottle=logthrottle.install())
+    return Running(http, active, refresher, store, upstream, embedded, port, unthrottle=logthrottle.install(), face=face)
 
 
 def shared_limits(store: Store, cfg: Config) -> tuple[SharedLimit, SharedLimit]:
@@ -194,6 +210,8 @@ async def stop(running: Running, timeout: float) -> None:
         pass
     await running.store.close()
     running.upstream.close()
+    if running.face is not None:
+        running.face.close()
     if running.embedded is not None:
         running.embedded.stop()
     running.stopped.set()
