@@ -31,6 +31,7 @@ from server.accounts import Accounts
 from server.auth import Authenticator
 from server.config import Config
 from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from server.face import Face, add_face
 from server.handlers import (
     ActiveRequests,
     ForceRefreshHandler,
@@ -58,14 +59,17 @@ def make_app(
     active: ActiveRequests,
     accounts: Accounts,
     jssdk_limits: Mapping[str, SharedLimit] | None = None,
+    face: Face | None = None,
 ) -> tornado.web.Application:
     """The HTTP application over built parts (see handlers for each endpoint).
 
     ``jssdk_limits``: the per-IP limit of each account whose JS-SDK signing is public (see
-    server.jssdk_handler); an account without one is not served publicly.
+    server.jssdk_handler); an account without one is not served publicly.  ``face`` (None:
+    ``face: false``) adds the WeChat-shaped face after these routes, which keep precedence
+    (see server.face).
     """
     deps = {"refresher": refresher, "auth": auth, "active": active, "accounts": accounts}
-    return tornado.web.Application(
+    app = tornado.web.Application(
         [
             (r"/wechat/token", TokenHandler, deps),
             (r"/wechat/token/forcerefresh", ForceRefreshHandler, deps),
@@ -79,6 +83,10 @@ def make_app(
         log_function=log_request,
         compress_response=False,
     )
+    # --- the WeChat-shaped face (server.face) ---
+    if face is not None:
+        add_face(app, face, deps)
+    return app
 
 
 @dataclass
@@ -95,6 +103,8 @@ class Running:
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     #: takes the log throttle (server.logthrottle) off again
     unthrottle: Callable[[], None] = lambda: None
+    #: the WeChat-shaped face (None: ``face: false``); its HTTP client is closed at stop
+    face: Face | None = None
 
 
 def redis_url(cfg: Config) -> tuple[str | None, EmbeddedRedis | None]:
@@ -119,6 +129,7 @@ async def start(cfg: Config) -> Running:
     url, embedded = redis_url(cfg)
     store: Store | None = None
     upstream: Upstream | None = None
+    face: Face | None = None
     sockets: list[socket.socket] = []
     try:
         sockets = tornado.netutil.bind_sockets(cfg.server.port, cfg.server.host)
@@ -133,10 +144,11 @@ async def start(cfg: Config) -> Running:
         active = ActiveRequests()
         auth = Authenticator(cfg, *shared_limits(store, cfg))
         accounts = Accounts.from_config(cfg)
+        face = Face.build(refresher, accounts, cfg.refresh.overlap) if cfg.face else None
         # The API takes no body: refuse big ones early, and do not wait long for slow ones.
         # Refused peers are closed at accept, heads get server.header_timeout (server.listener).
         http = GuardedHTTPServer(
-            make_app(refresher, auth, active, accounts, public_limits(store.redis, cfg.redis.prefix, accounts)),
+            make_app(refresher, auth, active, accounts, public_limits(store.redis, cfg.redis.prefix, accounts), face),
             admit=auth.accepts_peer,
             header_timeout=cfg.server.header_timeout,
             max_body_size=4096,
@@ -150,12 +162,14 @@ async def start(cfg: Config) -> Running:
             await store.close()
         if upstream is not None:
             upstream.close()
+        if face is not None:
+            face.close()
         if embedded is not None:
             embedded.stop()
         raise
     port = sockets[0].getsockname()[1]
     logger.info("listening on http://%s:%d", cfg.server.host, port)
-    return Running(http, active, refresher, store, upstream, embedded, port, unthrottle=logthrottle.install())
+    return Running(http, active, refresher, store, upstream, embedded, port, unthrottle=logthrottle.install(), face=face)
 
 
 def shared_limits(store: Store, cfg: Config) -> tuple[SharedLimit, SharedLimit]:
@@ -207,6 +221,8 @@ async def stop(running: Running, timeout: float) -> None:
         pass
     await running.store.close()
     running.upstream.close()
+    if running.face is not None:
+        running.face.close()
     if running.embedded is not None:
         running.embedded.stop()
     running.stopped.set()

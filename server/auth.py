@@ -344,3 +344,14 @@ class Authenticator:
                 raise NotPermitted(f"client {principal.name} over its forced refresh limit for {source}", wait)
 
         return permit
+
+    # --- the WeChat-shaped face (server.face) ----------------------------------------------
+
+    def principal_for_secret(self, secret: str) -> Principal | None:
+        """The principal whose request secret ``secret`` is (``server.secret`` or a client's),
+        compared in constant time; None when it is nobody's.  The face accepts it in place of
+        an account's AppSecret, for the accounts that principal may use."""
+        try:
+            return self._match_secret(secret)
+        except AuthError:
+            return None

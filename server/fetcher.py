@@ -324,7 +324,7 @@ class Fetcher:
                     return await self._fenced_out(name, fetched)
             except RedisError:
                 lease = None
-        state.entry = entry
+        state.adopt(entry)
         if lease is None:
             logger.warning("source %s: new value %s... kept in memory only (redis unreachable)", name, fetched.value[:6])
         else:

@@ -189,7 +189,7 @@ class Mirror:
                 entry = snap.entry
                 if not newer and known is not None and known.expires_at < entry.expires_at:
                     entry = dataclasses.replace(entry, expires_at=known.expires_at)  # a life never grows
-                state.entry = entry
+                state.adopt(entry)
         elif known is not None and snap.version > known.version:
             # Superseded: replaced by a value that has expired since, or rejected by WeChat.
             state.entry = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -88,6 +89,17 @@ class SourceState:
     lost_answers: int = 0  # calls in a row whose answer this process lost (Redis's NAME:lost may be lost with its data)
     force_spent_until: float = 0.0  # 45009 on a forced call (stable_token: 20 a day): no forced call before this
     retry_handle: object | None = None
+    # The value ``entry`` replaced, and when (monotonic): WeChat keeps it valid a few more
+    # minutes, and the face (server.face.issued) still accepts it from SDKs during them.
+    previous: Entry | None = None
+    replaced_at: float = 0.0
+
+    def adopt(self, entry: Entry) -> None:
+        """Hold ``entry``, remembering the value it replaces when it is a different one."""
+        old = self.entry
+        if old is not None and old.value != entry.value:
+            self.previous, self.replaced_at = old, time.monotonic()
+        self.entry = entry
 
     def healthy(self) -> None:
         """Forget past failures (an upstream answer, or another instance's new value)."""
