@@ -215,9 +215,7 @@ class Fetcher:
                 pass  # the lease expires by itself
 
     def _rotates(self, name: str, want: Want) -> bool:
-        """Whether a call for ``name`` issues a new value, retiring all but the one before
-        it: the classic endpoint always, stable_token only when forced."""
-        return want.force or not self.sources[name].cfg.force
+        return self.sources[name].rotates(want.force)
 
     async def _answer_lost(self, name: str) -> None:
         """WeChat may have issued a value we never saw, leaving the stored one 5 minutes
@@ -311,7 +309,12 @@ class Fetcher:
         self._succeeded(name)
         current = state.entry
         if not force and current is not None and fetched.value == current.value and current.remaining() > 0:
-            return await self._confirmed(name, current, started + life)
+            if started + life <= current.expires_at + 1:
+                return await self._confirmed(name, current, started + life)
+            # WeChat gives the value we hold a longer life than we do: we cut it after an
+            # answer was lost, and that call issued nothing.  WeChat's word is fresh news:
+            # stored as a new version, so every instance takes the life back.
+            logger.info("source %s: upstream confirms the value with %.0fs of life; restoring its life", name, life)
         if lease is not None:
             version = lease.version
         else:

@@ -104,6 +104,19 @@ class Source:
             data = b"{}"
         return UpstreamRequest(cfg.method, url, data, self.safe_url)
 
+    def rotates(self, force: bool) -> bool:
+        """Whether a call issues a new value and retires all but the one before it (so a
+        lost answer may leave the stored value WeChat's "previous"): the classic
+        ``/cgi-bin/token`` always, ``stable_token`` only when forced, WeCom's ``gettoken``
+        never (it answers the token it holds); any other source when forced or when it has
+        no ``force`` mapping (the safe assumption for a ticket or an endpoint we do not know)."""
+        path = urllib.parse.urlsplit(self.cfg.url).path
+        if path.endswith("/cgi-bin/token"):
+            return True
+        if path.endswith("/cgi-bin/gettoken"):
+            return False
+        return force or not self.cfg.force
+
     def check_request(self, value: str) -> UpstreamRequest | None:
         """The ``getcallbackip`` request that tells whether ``value`` (a token of this
         source) is alive; None for a source that is no token endpoint (a ticket)."""

@@ -328,3 +328,44 @@ async def test_a_rolled_back_redis_does_not_give_a_capped_token_its_life_back(st
     assert status == 200 and body["access_token"] == stored and body["expires_in"] <= 300
     sandbox.clear_faults()
     r.close()
+
+
+# --- found by review: a value the endpoint did not rotate keeps (or gets back) its life ----------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_lost_forced_stable_call_that_issued_nothing_never_leaves_a_503(start_server, make_config, call, sandbox, sandbox_url):
+    # A forced stable_token call answered 502 (WeChat issued nothing): the stored token's
+    # life is cut to the overlap, as a lost answer must.  The next ordinary call gets the
+    # same token with its real life from WeChat: the life comes back, no read gets 503.
+    from server.sandbox import DEFAULT_APPID, DEFAULT_APPSECRET, STABLE_TOKEN_PATH
+
+    account = {"appid": DEFAULT_APPID, "secret": DEFAULT_APPSECRET, "api_base": sandbox_url}
+    cfg = make_config(sources={}, accounts={"main": account},
+                      refresh={"interval": 0.2, "ahead": 1, "overlap": 2, "force_min_interval": 0, "backoff_max": 1})
+    srv = await start_server(cfg)
+    stored = (await call(srv.port, "/wechat/token", type="access_token"))[1]["access_token"]
+    sandbox.inject(STABLE_TOKEN_PATH, "http_error", status=502)
+    status, _ = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")
+    assert status == 503
+    started = time.monotonic()
+    while time.monotonic() - started < 4:
+        status, body = await call(srv.port, "/wechat/token", type="access_token")
+        assert status == 200, f"a read got {status} while WeChat still accepts the token"
+        assert body["access_token"] == stored and sandbox.token_status(stored) == 0
+        await asyncio.sleep(0.1)
+    assert body["expires_in"] > 1000, "the life cut after the lost answer never came back"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_lost_answer_from_wecom_gettoken_does_not_cut_the_token(start_server, make_config, call, sandbox, sandbox_url):
+    # WeCom's gettoken answers the token it holds: a lost answer retires nothing.
+    from server.sandbox import CORP_TOKEN_PATH, DEFAULT_AGENTID, DEFAULT_CORPID, DEFAULT_CORPSECRET
+
+    account = {"kind": "wecom", "corpid": DEFAULT_CORPID, "corpsecret": DEFAULT_CORPSECRET, "agentid": int(DEFAULT_AGENTID), "api_base": sandbox_url}
+    srv = await start_server(make_config(sources={}, accounts={"corp": account}, refresh={"timeout": 0.5, "force_min_interval": 0}))
+    sandbox.inject(CORP_TOKEN_PATH, "hang", delay=1.0)
+    status, _ = await call(srv.port, "/wechat/token/forcerefresh", type="access_token")
+    assert status == 503
+    status, body = await call(srv.port, "/wechat/token", type="access_token")
+    assert status == 200 and body["expires_in"] > 1000
