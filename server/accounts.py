@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.config import AccountConfig, Config, ConfigError, JssdkConfig, SourceConfig
+from server.config import PLACEHOLDER_SECRETS, AccountConfig, Config, ConfigError, JssdkConfig, SourceConfig
 
 #: Account names become source-name prefixes (``shop.access_token``): no dots.
 ACCOUNT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
@@ -173,6 +173,18 @@ def _sources_of(name: str, acc: AccountConfig) -> dict[str, SourceConfig]:
     return out
 
 
+def _check_wechat_secret(path: str, secret: str) -> None:
+    """WeChat hands out the secret (an AppSecret has 32 characters, a WeCom secret 43): refuse
+    what is obviously an example, never asked of WeChat and blocked at the first call."""
+    if secret.strip().lower() in PLACEHOLDER_SECRETS or re.search(r"change.?me|your.?secret", secret, re.I) or len(secret) < 16:
+        raise ConfigError(f"{path}: does not look like a secret WeChat issued; put the real one in an environment variable, e.g. ${{MAIN_APPSECRET}}")
+
+
+def _check_id(path: str, value: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise ConfigError(f"{path}: {value[:40]!r} is no appid or corpid (letters and digits, as the WeChat console shows it)")
+
+
 def _check(name: str, acc: AccountConfig) -> None:
     path = f"accounts.{name}"
     if not ACCOUNT_NAME_RE.match(name):
@@ -183,12 +195,16 @@ def _check(name: str, acc: AccountConfig) -> None:
         for key in ("corpid", "corpsecret"):
             if not getattr(acc, key):
                 raise ConfigError(f"{path}.{key}: missing; a wecom account needs corpid and corpsecret")
+        _check_wechat_secret(f"{path}.corpsecret", acc.corpsecret)
+        _check_id(f"{path}.corpid", acc.corpid)
         if acc.appid or acc.secret:
             raise ConfigError(f"{path}: a wecom account takes corpid and corpsecret, not appid and secret")
     else:
         for key in ("appid", "secret"):
             if not getattr(acc, key):
                 raise ConfigError(f"{path}.{key}: missing; an {acc.kind} account needs appid and secret")
+        _check_wechat_secret(f"{path}.secret", acc.secret)
+        _check_id(f"{path}.appid", acc.appid)
         if acc.corpid or acc.corpsecret or acc.agentid is not None:
             raise ConfigError(f"{path}: corpid, corpsecret and agentid are for kind: wecom")
         if acc.token not in ("stable", "classic"):
@@ -203,7 +219,7 @@ def _check(name: str, acc: AccountConfig) -> None:
         raise ConfigError(f"{path}.tickets: list each ticket once")
     if "agent_config" in acc.tickets and acc.agentid is None:
         raise ConfigError(f"{path}.agentid: the agent_config ticket needs the app's agentid")
-    if acc.api_base and not re.match(r"^https?://[^\s/]+/?$", acc.api_base):
+    if acc.api_base and not re.fullmatch(r"https?://[^\s/]+/?", acc.api_base):
         raise ConfigError(f"{path}.api_base: an origin like https://api.weixin.qq.com (no path)")
     for i, domain in enumerate(acc.jssdk.allowed_domains):
         found = re.fullmatch(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:(\d{1,5}))?", domain)
@@ -240,6 +256,12 @@ def expand(cfg: Config) -> Config:
         if key in seen_ids:
             raise ConfigError(f"accounts.{name}: same {'corpid and agentid' if acc.kind == 'wecom' else 'appid'} as accounts.{seen_ids[key]}; each account once")
         seen_ids[key] = name
+        if acc.kind == "wecom" and "jsapi" in acc.tickets:
+            # The corp's jsapi ticket is one per corp: two apps keeping it would fetch it twice
+            # against the corp's hourly limit.
+            if ("jsapi", acc.corpid) in seen_ids:
+                raise ConfigError(f"accounts.{name}.tickets: corp {acc.corpid}'s jsapi ticket is already kept by accounts.{seen_ids['jsapi', acc.corpid]}; list jsapi on one of its apps")
+            seen_ids["jsapi", acc.corpid] = name
         for source, declared in _sources_of(name, acc).items():
             if source in sources:
                 raise ConfigError(f"accounts.{name}: its source {source} is also declared under sources:; remove one")

@@ -21,6 +21,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
+import redis.asyncio as aioredis
 import tornado.netutil
 import tornado.web
 from redis.exceptions import RedisError
@@ -97,6 +98,7 @@ class Running:
     active: ActiveRequests
     refresher: Refresher
     store: Store
+    limits_redis: aioredis.Redis  # the rate limits' own connections (see shared_limits)
     upstream: Upstream
     embedded: EmbeddedRedis | None
     port: int
@@ -128,6 +130,7 @@ async def start(cfg: Config) -> Running:
     """
     url, embedded = redis_url(cfg)
     store: Store | None = None
+    limits_redis: aioredis.Redis | None = None
     upstream: Upstream | None = None
     face: Face | None = None
     sockets: list[socket.socket] = []
@@ -142,13 +145,14 @@ async def start(cfg: Config) -> Running:
         await refresher.start()
         logger.info("first refresh pass done in %.2fs: %s", time.monotonic() - started, _summary(refresher))
         active = ActiveRequests()
-        auth = Authenticator(cfg, *shared_limits(store, cfg))
+        limits_redis = build_redis(cfg.redis, url, max_connections=LIMITS_CONNECTIONS)
+        auth = Authenticator(cfg, *shared_limits(limits_redis, cfg))
         accounts = Accounts.from_config(cfg)
         face = Face.build(refresher, accounts, cfg.refresh.overlap) if cfg.face else None
         # The API takes no body: refuse big ones early, and do not wait long for slow ones.
         # Refused peers are closed at accept, heads get server.header_timeout (server.listener).
         http = GuardedHTTPServer(
-            make_app(refresher, auth, active, accounts, public_limits(store.redis, cfg.redis.prefix, accounts), face),
+            make_app(refresher, auth, active, accounts, public_limits(limits_redis, cfg.redis.prefix, accounts), face),
             admit=auth.accepts_peer,
             header_timeout=cfg.server.header_timeout,
             max_body_size=4096,
@@ -160,6 +164,8 @@ async def start(cfg: Config) -> Running:
             sock.close()
         if store is not None:
             await store.close()
+        if limits_redis is not None:
+            await limits_redis.aclose(close_connection_pool=True)
         if upstream is not None:
             upstream.close()
         if face is not None:
@@ -169,14 +175,20 @@ async def start(cfg: Config) -> Running:
         raise
     port = sockets[0].getsockname()[1]
     logger.info("listening on http://%s:%d", cfg.server.host, port)
-    return Running(http, active, refresher, store, upstream, embedded, port, unthrottle=logthrottle.install(), face=face)
+    return Running(http, active, refresher, store, limits_redis, upstream, embedded, port, unthrottle=logthrottle.install(), face=face)
 
 
-def shared_limits(store: Store, cfg: Config) -> tuple[SharedLimit, SharedLimit]:
-    """The failed-authentication and forced-refresh limits, counted in the store's Redis."""
+#: Connections the rate limits may use, apart from the store's: a flood of requests that
+#: have not authenticated must never take the connections the refresher and reads need.
+LIMITS_CONNECTIONS = 8
+
+
+def shared_limits(redis: aioredis.Redis, cfg: Config) -> tuple[SharedLimit, SharedLimit]:
+    """The failed-authentication and forced-refresh limits, counted in ``redis`` (a client of
+    its own: see LIMITS_CONNECTIONS)."""
     return (
-        SharedLimit(store.redis, cfg.redis.prefix, "auth-failures", cfg.server.auth_failures_per_minute),
-        SharedLimit(store.redis, cfg.redis.prefix, "forcerefresh", cfg.server.forcerefresh_per_minute),
+        SharedLimit(redis, cfg.redis.prefix, "auth-failures", cfg.server.auth_failures_per_minute),
+        SharedLimit(redis, cfg.redis.prefix, "forcerefresh", cfg.server.forcerefresh_per_minute),
     )
 
 
@@ -220,6 +232,7 @@ async def stop(running: Running, timeout: float) -> None:
     except asyncio.TimeoutError:
         pass
     await running.store.close()
+    await running.limits_redis.aclose(close_connection_pool=True)
     running.upstream.close()
     if running.face is not None:
         running.face.close()

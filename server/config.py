@@ -288,8 +288,8 @@ def validate(cfg: Config) -> Config:
         if not cfg.redis.sentinel.hosts:
             raise ConfigError('redis.sentinel.hosts: list at least one "host:port"')
         for i, h in enumerate(cfg.redis.sentinel.hosts):
-            if not re.match(r"^[^:\s]+:\d+$", h):
-                raise ConfigError(f'redis.sentinel.hosts[{i}]: {h!r} must be "host:port"')
+            if not re.fullmatch(r"[^:\s]+:\d{1,5}", h) or not 0 < int(h.rsplit(":", 1)[1]) < 65536:
+                raise ConfigError(f'redis.sentinel.hosts[{i}]: {h!r} must be "host:port" (port 1-65535)')
     if not cfg.sources:
         raise ConfigError("sources: declare at least one account or source (e.g. access_token)")
     named = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 import stat
@@ -25,6 +26,18 @@ from server.accounts import expand
 from server.config import AccountConfig, Config, ConfigError, SourceConfig, validate
 
 logger = logging.getLogger(__name__)
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing aliases (``*name``): no config needs them, and
+    an alias graph (a "billion laughs") or a self-reference would make the expansion below
+    walk without end."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in the config; write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -73,6 +86,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is Any:
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # .nan passes every "<= 0" check, .inf overflows every conversion
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -150,16 +165,22 @@ def parse_config(text: str, env: Mapping[str, str], source: str = "config") -> C
     """Build a validated Config from YAML text, expanding ``${ENV}`` from ``env``."""
     marked, refs = _mark_env(text)
     try:
-        raw = yaml.safe_load(marked)
+        raw = yaml.load(marked, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{source}:{where} is not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line, whatever the text holds
+        raise ConfigError(f"{source}:{where} is not valid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: the config must be a YAML mapping of sections (server, redis, refresh, sources)")
-    cfg = _build(Config, _expand(raw, refs, env), "")
+    try:
+        cfg = _build(Config, _expand(raw, refs, env), "")
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
     # Accounts are a shorthand: they become ordinary sources (and client scopes) first.
     return validate(expand(typing.cast(Config, cfg)))
 

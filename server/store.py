@@ -259,7 +259,7 @@ class Snapshot:
     slow: int = 0  # times refresh.timeout was doubled for the last answered call
 
 
-def build_redis(cfg: RedisConfig, url: str | None = None) -> aioredis.Redis:
+def build_redis(cfg: RedisConfig, url: str | None = None, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
     """A redis.asyncio client for ``url`` (default: cfg.url) or for cfg.sentinel.
 
     Commands fail fast (one quick retry, ``socket_timeout`` seconds) so a Redis outage
@@ -287,12 +287,12 @@ def build_redis(cfg: RedisConfig, url: str | None = None) -> aioredis.Redis:
             common["password"] = cfg.sentinel.password
         sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **common)
         # The sentinel pool does not block: give it room for a burst instead.
-        return sentinel.master_for(cfg.sentinel.service_name, max_connections=10 * MAX_CONNECTIONS, **common)
+        return sentinel.master_for(cfg.sentinel.service_name, max_connections=10 * max_connections, **common)
     target = url or cfg.url
     assert target, "build_redis needs a URL or a sentinel config"
     # Blocking pool: a burst of requests waits (socket_timeout at most) for one of
     # MAX_CONNECTIONS connections instead of failing with MaxConnectionsError.
-    pool = aioredis.BlockingConnectionPool.from_url(target, max_connections=MAX_CONNECTIONS, timeout=cfg.socket_timeout, **common)
+    pool = aioredis.BlockingConnectionPool.from_url(target, max_connections=max_connections, timeout=cfg.socket_timeout, **common)
     return aioredis.Redis(connection_pool=pool)
 
 

@@ -92,6 +92,12 @@ def test_a_client_limited_to_accounts_gets_their_sources():
     ({"a": official(api_base="https://api.example/cgi-bin")}, "accounts.a.api_base: an origin like https://api.weixin.qq.com (no path)"),
     ({"a": official(jssdk={"public": True})}, "accounts.a.jssdk.public: needs jssdk.allowed_domains (the only pages a browser may sign)"),
     ({"a": official(colour="red")}, "accounts.a.colour: unknown key"),
+    ({"a": official(secret="change-me")}, "accounts.a.secret: does not look like a secret WeChat issued"),
+    ({"a": official(appid="wx 123")}, "accounts.a.appid: 'wx 123' is no appid or corpid"),
+    ({"a": official(api_base="http://h\n")}, "accounts.a.api_base: an origin like https://api.weixin.qq.com (no path)"),
+    ({"a": {"kind": "wecom", "corpid": "ww1", "corpsecret": "s" * 20, "agentid": 1, "tickets": ["jsapi"]},
+      "b": {"kind": "wecom", "corpid": "ww1", "corpsecret": "t" * 20, "agentid": 2, "tickets": ["jsapi"]}},
+     "accounts.b.tickets: corp ww1's jsapi ticket is already kept by accounts.a; list jsapi on one of its apps"),
 ])
 def test_check_refuses_a_bad_account_in_one_line(accounts, expected):
     with pytest.raises(ConfigError) as err:

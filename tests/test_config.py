@@ -199,3 +199,25 @@ def test_the_examples_commented_accounts_pass_check(tmp_path) -> None:
     result = run_cli("--check", "-c", str(path), env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("config OK: 4 accounts (main, shop, mini, corp), 9 sources (access_token, ")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("refresh: {ahead: .nan}", "refresh.ahead: must be a finite number, got nan"),
+    ("refresh: {timeout: .inf}", "refresh.timeout: must be a finite number, got inf"),
+    ("server: {shutdown_timeout: .nan}", "server.shutdown_timeout: must be a finite number, got nan"),
+    ("x: &a [*a]", "config: line 4 is not valid YAML (aliases (*name) are not allowed in the config; write the value out)"),
+    ("x: " + "[" * 5000 + "]" * 5000, "config: nested too deeply to be a config"),
+    ("redis: {sentinel: {hosts: ['h:99999999']}}", "redis.sentinel.hosts[0]: 'h:99999999' must be \"host:port\" (port 1-65535)"),
+])
+def test_hostile_values_and_yaml_are_refused_in_one_line(text, expected) -> None:
+    base = "server: {secret: test-request-secret-0123456789abcdef}\nsources: {t: {url: 'https://api.weixin.qq.com/cgi-bin/token'}}\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config(base + "\n" + text + "\n", env={}, source="config")
+    assert str(err.value) == expected
+
+
+@pytest.mark.timeout(20)  # walking the alias graph would take far longer
+def test_a_billion_laughs_is_refused() -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    with pytest.raises(ConfigError, match="aliases"):
+        parse_config("\n".join(lines) + "\n", env={}, source="config")

@@ -530,7 +530,7 @@ def test_reprs_show_no_secret(make_config, redis_url):
     from server.store import Store, build_redis
 
     store = Store(build_redis(cfg.redis), cfg.redis.prefix)  # no connection is made
-    auth = Authenticator(cfg, *shared_limits(store, cfg))
+    auth = Authenticator(cfg, *shared_limits(store.redis, cfg))
     shown = (
         repr(cfg) + repr(auth) + repr(auth.redact) + repr(auth.failures) + repr(store) + repr(source)
         + repr(source.build_request({})) + repr(Fetched("WHOLE-TOKEN-VALUE-0123456789", 7200, "access_token"))
