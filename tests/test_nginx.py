@@ -141,3 +141,45 @@ async def test_nginx_refuses_a_secret_in_the_url_however_it_is_encoded(make_conf
     assert "connect() failed" in errors or "upstream" in errors
     for text in (open(access_log).read(), errors):
         assert TEST_SECRET not in text and "ecret=" not in text and "%65" not in text
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_face_through_nginx_takes_wechats_own_requests_and_logs_no_appsecret(make_config, start_server, nginx_for, sandbox, sandbox_url):
+    from server.app import stop
+    from server.sandbox import DEFAULT_APPID, DEFAULT_APPSECRET
+
+    account = {"appid": DEFAULT_APPID, "secret": DEFAULT_APPSECRET, "token": "classic", "api_base": sandbox_url}
+    srv = await start_server(make_config(sources={}, accounts={"main": account}))
+    https, access_log = nginx_for(srv.port)
+    error_logs = [access_log.replace(".access.log", suffix) for suffix in (".error.log", ".face-error.log")]
+    client = AsyncHTTPClient(force_instance=True)
+    fetch_token = f"https://127.0.0.1:{https}/cgi-bin/token?grant_type=client_credential&appid={DEFAULT_APPID}&secret={DEFAULT_APPSECRET}"
+
+    async def get(url, **kw):
+        for _ in range(50):  # nginx may need a moment to bind
+            resp = await client.fetch(url, validate_cert=False, raise_error=False, **kw)
+            if resp.code != 599:
+                return resp
+            time.sleep(0.1)
+        return resp
+
+    import json
+
+    resp = await get(fetch_token)
+    assert resp.code == 200, resp.body
+    token = json.loads(resp.body)["access_token"]
+    assert token == sandbox.current_token() and sandbox.calls["/cgi-bin/token"] == 1  # from the cache
+    resp = await get(f"https://127.0.0.1:{https}/cgi-bin/getcallbackip?access_token={token}")
+    assert resp.code == 200 and "ip_list" in json.loads(resp.body)
+    # Our own API still refuses a secret in the URL.
+    resp = await get(f"https://127.0.0.1:{https}/wechat/token?type=access_token&secret={TEST_SECRET}")
+    assert resp.code == 400
+    # Every instance down: WeChat's "system busy" (SDKs retry), and no AppSecret in any log.
+    await stop(srv, 1.0)
+    resp = await get(fetch_token)
+    assert resp.code == 200 and json.loads(resp.body) == {"errcode": -1, "errmsg": "system error"}
+    client.close()
+    time.sleep(0.2)
+    for path in [access_log, *error_logs]:
+        text = open(path).read() if os.path.exists(path) else ""
+        assert DEFAULT_APPSECRET not in text and "secret=" not in text and token not in text, path
