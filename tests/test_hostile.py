@@ -239,3 +239,51 @@ def test_generated_requests_get_a_json_answer_below_500(io_loop, make_config, sa
 
     check()
     assert {200, 400, 404, 405} <= seen and seen & {401, 403}, seen  # every layer was reached
+
+
+# --- the WeChat-shaped face: generated paths never leave api_base -------------------------------
+
+_segment = st.one_of(
+    st.sampled_from(["cgi-bin", "sns", "wxa", "datacube", "card", "getcallbackip", "message", "custom", "send", "media",
+                     "upload", "_sim", "sandbox", "requests", "faults", "reset", "..", ".", "", "%2e%2e", "%2F", "%2f..",
+                     "%00", "%5C", "\\", "@evil.example", "evil.example:80", "http:", "https:", "~", ";x", "a b", "%FF"]),
+    st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters="?#"), min_size=1, max_size=12),
+)
+_face_paths = st.lists(_segment, min_size=1, max_size=5).map(lambda parts: "/" + "/".join(parts))
+
+
+def test_generated_paths_through_the_face_never_leave_api_base(io_loop, make_config, sandbox_url, start_server, call, sandbox):
+    srv = io_loop.run_sync(lambda: start_server(hostile_config(make_config, sandbox_url)))
+    status, body = io_loop.run_sync(lambda: call(srv.port, "/wechat/token", type="access_token", account="web"))
+    token = body["access_token"]
+    fetched = sandbox.calls["/cgi-bin/stable_token"]
+    seen: set[int] = set()
+
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @example(method="GET", path="/cgi-bin/getcallbackip", with_token=True, body=None)
+    @example(method="GET", path="/cgi-bin/../sandbox/reset", with_token=True, body=None)
+    @example(method="POST", path="/cgi-bin/%2e%2e/sandbox/reset", with_token=True, body=b"{}")
+    @given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD"]), path=_face_paths, with_token=st.booleans(),
+           body=st.one_of(st.none(), st.binary(max_size=200)))
+    def check(method, path, with_token, body):
+        before = len(sandbox.requests)
+        query = f"access_token={token}" if with_token else "access_token=not-issued-here"
+        status, answer = io_loop.run_sync(
+            lambda: call(srv.port, path, method=method, headers={}, query=query, body=body if method in ("POST", "PUT") else None))
+        seen.add(status)
+        assert status < 500 or status == 599, (path, status, answer)
+        forwarded = list(sandbox.requests)[before:]
+        for record in forwarded:
+            # Only a plain path that was asked for, with the server's own token, reaches WeChat.
+            assert record.path == path and ".." not in record.path.split("/") and "%" not in record.path, (path, record)
+            assert record.access_token == token, path
+        if not with_token:
+            assert not forwarded, f"a token this server never issued was forwarded: {path}"
+        if method != "HEAD" and status < 500 and isinstance(answer, dict) and "errcode" in answer and not forwarded:
+            assert isinstance(answer["errcode"], int) and isinstance(answer.get("errmsg", ""), str)
+            assert TEST_SECRET not in str(answer) and DEFAULT_APPSECRET not in str(answer)
+
+    check()
+    # The sandbox's control API was never reached: its counters were not reset.
+    assert sandbox.calls["/cgi-bin/stable_token"] == fetched >= 1
+    assert 200 in seen, seen
