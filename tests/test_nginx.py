@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 import subprocess
 import time
+from typing import Any
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient
@@ -17,6 +20,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(
     not (shutil.which("nginx") and shutil.which("openssl")), reason="nginx and openssl not installed (.ci/run installs them)"
 )
+
+
+async def https_get(client: AsyncHTTPClient, url: str, **kw) -> Any:
+    """GET through nginx's self-signed TLS, retried while nginx is still binding (599)."""
+    for _ in range(50):
+        resp = await client.fetch(url, validate_cert=False, raise_error=False, **kw)
+        if resp.code != 599:
+            return resp
+        await asyncio.sleep(0.1)
+    return resp
 
 
 @pytest.fixture
@@ -74,13 +87,8 @@ async def test_nginx_proxies_over_tls_and_keeps_secrets_out_of_its_logs(make_con
     client = AsyncHTTPClient(force_instance=True)
     base = f"https://127.0.0.1:{https}/wechat/token?type=access_token"
 
-    async def get(url, **headers):
-        for _ in range(50):  # nginx may need a moment to bind
-            resp = await client.fetch(url, headers=headers, validate_cert=False, raise_error=False)
-            if resp.code != 599:
-                return resp
-            time.sleep(0.1)
-        return resp
+    def get(url, **headers):
+        return https_get(client, url, headers=headers)
 
     resp = await get(base, **{"X-Token-Secret": TEST_SECRET})
     assert resp.code == 200 and sandbox.current_token().encode() in resp.body
@@ -115,13 +123,8 @@ async def test_nginx_refuses_a_secret_in_the_url_however_it_is_encoded(make_conf
     base = f"https://127.0.0.1:{https}/wechat/token?type=access_token"
     names = ["secret", "SECRET", "Secret", "s%65cret", "%73ecret", "secre%74", "%53ECRET", "s%2565cret"]
 
-    async def get(url, **headers):
-        for _ in range(50):  # nginx may need a moment to bind
-            resp = await client.fetch(url, headers=headers, validate_cert=False, raise_error=False)
-            if resp.code != 599:
-                return resp
-            time.sleep(0.1)
-        return resp
+    def get(url, **headers):
+        return https_get(client, url, headers=headers)
 
     # A legitimate encoded VALUE is still proxied; only encoded NAMES are refused.
     resp = await get(f"{base.replace('/token?', '/token/forcerefresh?')}&old=a%2Fb", **{"X-Token-Secret": TEST_SECRET})
@@ -155,15 +158,8 @@ async def test_the_face_through_nginx_takes_wechats_own_requests_and_logs_no_app
     client = AsyncHTTPClient(force_instance=True)
     fetch_token = f"https://127.0.0.1:{https}/cgi-bin/token?grant_type=client_credential&appid={DEFAULT_APPID}&secret={DEFAULT_APPSECRET}"
 
-    async def get(url, **kw):
-        for _ in range(50):  # nginx may need a moment to bind
-            resp = await client.fetch(url, validate_cert=False, raise_error=False, **kw)
-            if resp.code != 599:
-                return resp
-            time.sleep(0.1)
-        return resp
-
-    import json
+    def get(url):
+        return https_get(client, url)
 
     resp = await get(fetch_token)
     assert resp.code == 200, resp.body
