@@ -100,9 +100,7 @@ class SharedLimit:
                 self._remember(key, remaining, reset)
             except (RedisError, RedisSlow) as e:
                 self._redis_failed(e)
-                if self._alone.test(self.item, self.name, key):
-                    return 0.0
-                return max(0.001, self._alone.get_window_stats(self.item, self.name, key)[0] - time.time())
+                return 0.0 if self._alone.test(self.item, self.name, key) else self._alone_wait(key)
         return self.over_here(key)
 
     async def hit(self, key: str) -> float:
@@ -115,14 +113,16 @@ class SharedLimit:
             self._remember(key, remaining, reset)
         except (RedisError, RedisSlow) as e:
             self._redis_failed(e)
-            if self._alone.hit(self.item, self.name, key):
-                return 0.0
-            return max(0.001, self._alone.get_window_stats(self.item, self.name, key)[0] - time.time())
+            return 0.0 if self._alone.hit(self.item, self.name, key) else self._alone_wait(key)
         finally:
             self._pending[key] -= 1
             if not self._pending[key]:
                 del self._pending[key]
         return 0.0 if allowed else max(0.001, reset - time.time())
+
+    def _alone_wait(self, key: str) -> float:
+        """Seconds until this process's own window for ``key`` ends (limits keeps it as a unix time)."""
+        return max(0.001, self._alone.get_window_stats(self.item, self.name, key)[0] - time.time())
 
     async def _redis(self, command: Callable[[], Awaitable[T]]) -> T:
         """``command()``'s result within REDIS_WAIT seconds; RedisSlow after that (the command
