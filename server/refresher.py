@@ -302,6 +302,25 @@ class Refresher:
                 if state.blocked(now) is None and now >= state.retry_at:
                     self._spawn(self._attempt(other))
 
+    async def rejected_after_rotation(self, name: str, value: str) -> bool:
+        """Whether ``value`` was noted by :meth:`note_rejected_after_rotation` in any instance
+        (False when Redis cannot tell)."""
+        try:
+            return await self.store.was_rejected(name, value)
+        except RedisError:
+            return False
+
+    async def note_rejected_after_rotation(self, name: str, value: str) -> None:
+        """WeChat rejected ``value`` although it was just fetched in answer to a rejected one:
+        the token is not what is wrong, and rotating again would not help.  Noted for the
+        value's remaining life, for every instance (the API proxy asks before it rotates)."""
+        entry = self.states[name].entry
+        life = entry.remaining() if entry is not None and entry.value == value else self.cfg.overlap
+        try:
+            await self.store.mark_rejected(name, value, max(1.0, life))
+        except RedisError:
+            pass
+
     # --- failures ------------------------------------------------------------------------
 
     def _announced_block(self, name: str, block: Block, seconds: float) -> None:

@@ -26,6 +26,10 @@ Layout for a source ``NAME`` under the configured ``prefix`` (source names canno
     answer may have issued a token nobody received); the counts are deleted by the next
     stored value.  Several instances back off together, the delay growing with the
     failures of all of them, and wait longer for an answer after answers were lost.
+``<prefix>NAME:rejected``
+    The SHA-256 of a value WeChat rejected right after it was fetched in answer to a
+    rejected one (the API proxy's retry failed again), while that value lives: no proxied
+    call rotates it again, in any instance.
 ``<prefix>NAME:slow``
     How many times ``refresh.timeout`` was doubled for the last call that got its answer
     (kept an hour): while WeChat stays slow, the next rotation waits as long at once
@@ -53,6 +57,7 @@ on write.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -225,6 +230,10 @@ class Lease:
 
     token: str
     version: int
+
+
+def _fingerprint(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
 
 
 def _number(raw: str | None) -> float:
@@ -435,6 +444,15 @@ class Store:
                 pipe.incr(key + ":lost")
                 pipe.expire(key + ":lost", 3600)
             await pipe.execute()
+
+    async def mark_rejected(self, name: str, value: str, seconds: float) -> None:
+        """Note for ``seconds`` that WeChat rejected ``value`` right after it was fetched in
+        answer to a rejected one (``NAME:rejected`` holds its SHA-256, never the value)."""
+        await self.redis.set(self.key(name) + ":rejected", _fingerprint(value), px=max(1, int(seconds * 1000)))
+
+    async def was_rejected(self, name: str, value: str) -> bool:
+        """Whether :meth:`mark_rejected` noted ``value`` (and the note has not expired)."""
+        return await self.redis.get(self.key(name) + ":rejected") == _fingerprint(value)
 
     async def set_slow(self, name: str, doublings: int) -> None:
         """Remember (an hour) how many times ``refresh.timeout`` was doubled for the last

@@ -197,6 +197,65 @@ async def test_wechat_rejecting_the_new_token_too_rotates_no_more(make_config, s
     assert "ip_list" in (await call(srv.port, IPS, headers=NO_AUTH, access_token=token))[1]
 
 
+@pytest.mark.gen_test
+async def test_wechat_rejecting_the_new_token_too_rotates_no_more_over_two_instances(make_config, sandbox_url, start_server, call, sandbox):
+    cfg = face_config(make_config, sandbox_url)
+    a, b = await start_server(cfg), await start_server(cfg)
+    rotations = sandbox.issued["/cgi-bin/token"]
+    sandbox.inject(IPS, "errcode", errcode=40001, errmsg="invalid credential", times=None)
+    # An SDK retrying on its own, load-balanced over both instances: one rotation in all.
+    for i in range(12):
+        srv = (a, b)[i % 2]
+        token = await token_of(call, srv.port, SHOP_ID, SHOP_SECRET)
+        assert (await call(srv.port, IPS, headers=NO_AUTH, access_token=token))[1]["errcode"] == 40001
+    assert sandbox.issued["/cgi-bin/token"] == rotations + 1
+    sandbox.clear_faults()
+
+
+@pytest.mark.gen_test
+async def test_login_pairs_only_where_wechat_takes_them_and_each_argument_once(make_config, sandbox_url, start_server, call, sandbox):
+    srv = await start_server(face_config(make_config, sandbox_url))
+    before = len(sandbox.requests)
+    login = {"grant_type": "authorization_code", "code": "c1"}
+    # The same pair on another path, a repeated appid, a missing secret: refused, never forwarded.
+    status, body = await call(srv.port, "/cgi-bin/token/", headers=NO_AUTH, appid=SHOP_ID, secret=SHOP_SECRET, grant_type="client_credential")
+    assert body["errcode"] == 41001
+    status, body = await call(srv.port, "/sns/oauth2/access_token", headers=NO_AUTH,
+                              query=f"appid={SHOP_ID}&secret={SHOP_SECRET}&appid=wx9999&secret=other-secret-0123456789&code=c&grant_type=authorization_code")
+    assert body["errcode"] == 40097
+    assert len(sandbox.requests) == before
+    # A missing secret is no guess: not counted, however often (the limit is 10 a minute).
+    for _ in range(12):
+        status, body = await call(srv.port, "/sns/oauth2/access_token", headers=NO_AUTH, appid=SHOP_ID, **login)
+        assert body == {"errcode": 41004, "errmsg": "appsecret missing"}
+    status, body = await call(srv.port, "/sns/oauth2/access_token", headers=NO_AUTH, appid=SHOP_ID, secret=SHOP_SECRET, **login)
+    assert status == 200 and "openid" in body
+
+
+@pytest.mark.gen_test
+async def test_bodies_held_in_memory_are_bounded_per_process(make_config, sandbox_url, start_server, call, sandbox):
+    srv = await start_server(face_config(make_config, sandbox_url))
+    token = await token_of(call, srv.port, MAIN_ID, MAIN_SECRET)
+    size = 20 * 1024 * 1024
+    head = (f"POST /cgi-bin/media/upload?access_token={token}&type=image HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {size}\r\n\r\n").encode()
+    # Three uploads announced and still arriving (their bodies are held for a retry): a
+    # fourth would pass 64 MB, and gets WeChat's "system busy" before its body is read.
+    streams = []
+    for _ in range(3):
+        stream = await TCPClient().connect("127.0.0.1", srv.port)
+        await stream.write(head + b"x" * 1024)
+        streams.append(stream)
+    await asyncio.sleep(0.3)
+    answer = await raw_request(srv.port, head)
+    assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {"errcode": -1, "errmsg": "system error"}
+    for stream in streams:
+        stream.close()
+    await asyncio.sleep(0.3)  # the closed uploads give their share back
+    status, body = await call(srv.port, IPS, headers=NO_AUTH, access_token=token)
+    assert "ip_list" in body
+
+
 # --- the wechatpy recipe (README, SDKs) ------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ is nowhere to proxy to.  ``face: false`` leaves all of it out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import tornado.web
@@ -45,12 +45,12 @@ MAX_CLIENTS = 100
 @dataclass
 class Face:
     """What the face's handlers share: the token lookup, the HTTP client to WeChat, and
-    per process the values WeChat rejected right after a rotation (``suspect``, by source)."""
+    and the bytes of proxied bodies held in memory now (bounded by MAX_BYTES_IN_FLIGHT)."""
 
     issued: Issued
     client: AsyncHTTPClient
     max_body: int = MAX_BODY_BYTES
-    suspect: dict[str, str] = field(default_factory=dict, repr=False)
+    bytes_in_flight: int = 0
 
     @classmethod
     def build(cls, refresher: Refresher, accounts: Accounts, overlap: float) -> Face:

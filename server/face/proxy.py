@@ -16,7 +16,13 @@ be an open relay to WeChat.
 A stale token (40001, 40014, 42001) costs one compare-and-refresh (``old`` = the token used)
 and one retry, never more: a crowd (or an SDK that retries on its own, with the rotated-out
 token) finds ``old`` no longer current and just gets the new value; and a value WeChat
-rejects right after it was rotated in is not rotated again by this process.
+rejects right after it was rotated in is noted in Redis and not rotated again by any
+instance (``Refresher.note_rejected_after_rotation``).
+
+Calls with ``appid`` and ``secret`` instead of a token go through only on ``PAIR_PATHS`` (web
+and mini program login), each argument once.  Calls made with a user's OAuth token
+(``/sns/userinfo``, ``/sns/auth``, ``/sns/oauth2/refresh_token``) are between the web page's
+backend and WeChat, not this server's to relay: refused like any token it did not issue.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from server.accounts import TOKEN, Account
 from server.auth import Principal
 from server.face.base import (
     APPID_MISSING,
+    APPSECRET_MISSING,
     INVALID_APPID,
     INVALID_APPSECRET,
     INVALID_ARGS,
@@ -68,6 +75,11 @@ MAX_ERROR_BODY = 64 * 1024
 #: no ``//``, no scheme or host (an absolute URL in the request line), no ``@`` or ``:``.
 PATH_RE = re.compile(r"^(?:/[A-Za-z0-9_.~-]+)+/?$")
 INVALID_PATH = (INVALID_ARGS[0], "invalid url path")
+#: Where an appid and its own secret stand in for a token: web login, mini program login.
+PAIR_PATHS = frozenset({"/sns/oauth2/access_token", "/sns/jscode2session"})
+#: Bytes of proxied bodies a process holds at once (each is buffered for a retry): beyond
+#: it, WeChat's "system busy" rather than memory without a bound.
+MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 
 
 def safe_path(path: str) -> bool:
@@ -126,6 +138,10 @@ class ProxyHandler(FaceHandler):
         length = self.request.headers.get("Content-Length", "0")
         if not length.isdigit() or int(length) > self.face.max_body:
             raise WeChatError(MEDIA_TOO_BIG, "face: %s body of %s bytes refused", printable(path, 100), printable(length, 20))
+        if self.face.bytes_in_flight + int(length) > MAX_BYTES_IN_FLIGHT:
+            raise WeChatError(SYSTEM_ERROR, "face: %d bytes of bodies in flight; refusing %s bytes more", self.face.bytes_in_flight, length)
+        self._held = int(length)
+        self.face.bytes_in_flight += self._held
         connection = self.request.connection
         if isinstance(connection, HTTP1Connection):
             connection.set_max_body_size(self.face.max_body)
@@ -134,11 +150,16 @@ class ProxyHandler(FaceHandler):
     async def appid_pair(self) -> Account:
         """The account whose ``appid`` and own ``secret`` the call carries (web login); 41001
         when the call carries neither a token nor such a pair.  Wrong pairs are counted."""
-        appid, secret = self.query("appid"), self.query("secret")
-        if not appid and not secret:
+        if self.request.path not in PAIR_PATHS:
             raise WeChatError((41001, "access_token missing"))
+        for name in ("appid", "secret", "code", "grant_type", "js_code"):
+            if len(self.request.query_arguments.get(name, [])) > 1:
+                raise WeChatError(INVALID_ARGS, "face: repeated %s on %s", name, printable(self.request.path, 100))
+        appid, secret = self.query("appid"), self.query("secret")
         if not appid:
             raise WeChatError(APPID_MISSING)
+        if not secret:
+            raise WeChatError(APPSECRET_MISSING)  # nothing was guessed: not a failure
         key = await self.limit_key()
         account = self.accounts.by_appid.get(appid)
         if account is None:
@@ -148,6 +169,20 @@ class ProxyHandler(FaceHandler):
             await self.failed(key, INVALID_APPSECRET, f"wrong secret for account {account.name}")
         self.principal = Principal(f"account:{account.name}", frozenset(account.sources.values()), via="appsecret")
         return account
+
+    _held = 0  # bytes of this request counted in face.bytes_in_flight
+
+    def on_finish(self) -> None:
+        self._release()
+        super().on_finish()
+
+    def on_connection_close(self) -> None:
+        self._release()
+        super().on_connection_close()
+
+    def _release(self) -> None:
+        self.face.bytes_in_flight -= self._held
+        self._held = 0
 
     def data_received(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
@@ -176,8 +211,8 @@ class ProxyHandler(FaceHandler):
                 resp = await self.send(body)
                 if stale_errcode(resp) is not None:
                     # Rotating again would not help, and an SDK that retries on its own
-                    # would make this process rotate on every retry.
-                    self.face.suspect[source] = fresh
+                    # would make the instances rotate on every retry.
+                    await self.refresher.note_rejected_after_rotation(source, fresh)
                     logger.warning("face: account %s %s: WeChat rejects the token just rotated in too; passing its answer back", self.account.name, self.request.path)
         self.relay(resp)
 
@@ -186,7 +221,7 @@ class ProxyHandler(FaceHandler):
         none to retry with (already judged, or the refresh failed)."""
         used = self.token_used
         assert used is not None
-        if self.face.suspect.get(source) == used:
+        if await self.refresher.rejected_after_rotation(source, used):
             return None
         logger.warning("face: account %s %s: WeChat answered %d; refreshing the token (if still current) and retrying once", self.account.name, self.request.path, errcode)
         try:
@@ -228,4 +263,6 @@ class ProxyHandler(FaceHandler):
             value = resp.headers.get(name)
             if value is not None:
                 self.set_header(name, value)
-        self.finish(resp.body or b"")
+        if resp.body and resp.code not in (204, 304):  # Tornado refuses a body on those
+            self.write(resp.body)
+        self.finish()
