@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Coroutine
 from typing import Any
 
+from server import __version__
 from server.config import Config, ConfigError
 from server.config_file import load_config, parse_config
 
@@ -33,6 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--check", action="store_true", help="validate the config and exit: 0 when good, 2 with the bad key")
     p.add_argument("--demo", action="store_true", help="run on an embedded Redis against the built-in WeChat sandbox")
     p.add_argument("--port", type=int, default=None, help="override server.port")
+    p.add_argument("--version", action="version", version=f"wechat-token-server {__version__}", help="print the version and exit")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING (default INFO)")
     return p.parse_args(argv)
 

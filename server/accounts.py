@@ -38,6 +38,8 @@ TICKETS_OF = {"official": ("jsapi", "wx_card"), "miniprogram": (), "wecom": ("js
 TOKEN = "access_token"
 #: what a request's ``type`` may name for an account
 TYPES = frozenset({TOKEN, *TICKET_TYPES.values()})
+#: calls to the token endpoint WeChat allows per day, by kind (WeCom publishes no daily figure)
+DAILY_QUOTAS: dict[str, int | None] = {"official": 2000, "miniprogram": 2000, "wecom": None}
 
 
 def _digest(secret: str) -> bytes:
@@ -149,18 +151,23 @@ def _sources_of(name: str, acc: AccountConfig) -> dict[str, SourceConfig]:
     """The sources an account declares (see the module docstring for their names)."""
     base = (acc.api_base or API_BASES[acc.kind]).rstrip("/")
     token = source_name(name, TOKEN, acc.default)
+    # The quota is the token's: tickets are counted too, but WeChat publishes no daily figure for them.
+    quota = acc.daily_quota if acc.daily_quota is not None else DAILY_QUOTAS[acc.kind]
     out: dict[str, SourceConfig] = {}
     if acc.kind == "wecom":
-        out[token] = SourceConfig(url=f"{base}/cgi-bin/gettoken", args={"corpid": acc.corpid, "corpsecret": acc.corpsecret})
+        out[token] = SourceConfig(url=f"{base}/cgi-bin/gettoken", args={"corpid": acc.corpid, "corpsecret": acc.corpsecret}, daily_quota=quota)
     elif acc.token == "stable":
         out[token] = SourceConfig(
             url=f"{base}/cgi-bin/stable_token",
             method="POST",
             json={"grant_type": "client_credential", "appid": acc.appid, "secret": acc.secret, "force_refresh": False},
             force={"force_refresh": True},
+            daily_quota=quota,
         )
     else:
-        out[token] = SourceConfig(url=f"{base}/cgi-bin/token", args={"grant_type": "client_credential", "appid": acc.appid, "secret": acc.secret})
+        out[token] = SourceConfig(
+            url=f"{base}/cgi-bin/token", args={"grant_type": "client_credential", "appid": acc.appid, "secret": acc.secret}, daily_quota=quota
+        )
     use = f"<<{token}>>"
     for ticket in acc.tickets:
         target = source_name(name, TICKET_TYPES[ticket], acc.default)
@@ -230,6 +237,8 @@ def _check(name: str, acc: AccountConfig) -> None:
             raise ConfigError(f"{path}.jssdk.allowed_domains[{i}]: {domain!r}; a wildcard covers the subdomains of a name like *.example.com")
     if acc.jssdk.public and not acc.jssdk.allowed_domains:
         raise ConfigError(f"{path}.jssdk.public: needs jssdk.allowed_domains (the only pages a browser may sign)")
+    if acc.daily_quota is not None and acc.daily_quota < 1:
+        raise ConfigError(f"{path}.daily_quota: at least 1 (WeChat's is 2000 for an official account or a mini program)")
     if acc.jssdk.public_per_minute < 1:
         raise ConfigError(f"{path}.jssdk.public_per_minute: at least 1 (a public signer must be rate-limited, not shut)")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import platform
 import signal
 import socket
 import time
@@ -27,7 +28,7 @@ import tornado.web
 from redis.exceptions import RedisError
 from tornado.httpserver import HTTPServer
 
-from server import logthrottle
+from server import __version__, logthrottle
 from server.accounts import Accounts
 from server.auth import Authenticator
 from server.config import Config
@@ -45,6 +46,8 @@ from server.handlers import (
 )
 from server.jssdk_handler import JssdkConfigHandler, public_limits
 from server.listener import GuardedHTTPServer
+from server.ops.quota import DailyCalls
+from server.ops.readiness import Readiness, ReadyHandler
 from server.ratelimit import SharedLimit
 from server.refresher import Refresher
 from server.sources import Source
@@ -61,8 +64,12 @@ def make_app(
     accounts: Accounts,
     jssdk_limits: Mapping[str, SharedLimit] | None = None,
     face: Face | None = None,
+    readiness: Readiness | None = None,
 ) -> tornado.web.Application:
     """The HTTP application over built parts (see handlers for each endpoint).
+
+    ``readiness`` (None: one over the refresher's own store) answers ``/readyz`` (see
+    server.ops.readiness).
 
     ``jssdk_limits``: the per-IP limit of each account whose JS-SDK signing is public (see
     server.jssdk_handler); an account without one is not served publicly.  ``face`` (None:
@@ -76,6 +83,7 @@ def make_app(
             (r"/wechat/token/forcerefresh", ForceRefreshHandler, deps),
             (r"/wechat/jssdk/config", JssdkConfigHandler, {**deps, "public_limits": jssdk_limits or {}}),
             (r"/healthz", HealthHandler, deps),
+            (r"/readyz", ReadyHandler, {**deps, "readiness": readiness or Readiness(refresher.store, refresher)}),
             (r"/status", StatusHandler, deps),
             (r"/metrics", MetricsHandler, deps),
         ],
@@ -107,6 +115,8 @@ class Running:
     unthrottle: Callable[[], None] = lambda: None
     #: the WeChat-shaped face (None: ``face: false``); its HTTP client is closed at stop
     face: Face | None = None
+    #: the daily call counts (server.ops.quota); counts under way finish before Redis closes
+    calls: DailyCalls | None = None
 
 
 def redis_url(cfg: Config) -> tuple[str | None, EmbeddedRedis | None]:
@@ -128,6 +138,7 @@ async def start(cfg: Config) -> Running:
     The port is bound before the first pass (a taken port must not cost an upstream call)
     but served only after it.  If anything fails, what was started is stopped again.
     """
+    logger.info("wechat-token-server %s starting (Python %s)", __version__, platform.python_version())
     url, embedded = redis_url(cfg)
     store: Store | None = None
     limits_redis: aioredis.Redis | None = None
@@ -140,7 +151,8 @@ async def start(cfg: Config) -> Running:
         await check_redis(store, cfg, url)
         upstream = Upstream(cfg.refresh.timeout)
         sources = {name: Source(src) for name, src in cfg.sources.items()}
-        refresher = Refresher(sources, store, upstream, cfg.refresh)
+        calls = DailyCalls(store.redis, cfg.redis.prefix, {name: src.daily_quota for name, src in cfg.sources.items()})
+        refresher = Refresher(sources, store, upstream, cfg.refresh, calls=calls)
         started = time.monotonic()
         await refresher.start()
         logger.info("first refresh pass done in %.2fs: %s", time.monotonic() - started, _summary(refresher))
@@ -152,7 +164,7 @@ async def start(cfg: Config) -> Running:
         # The API takes no body: refuse big ones early, and do not wait long for slow ones.
         # Refused peers are closed at accept, heads get server.header_timeout (server.listener).
         http = GuardedHTTPServer(
-            make_app(refresher, auth, active, accounts, public_limits(limits_redis, cfg.redis.prefix, accounts), face),
+            make_app(refresher, auth, active, accounts, public_limits(limits_redis, cfg.redis.prefix, accounts), face, Readiness(store, refresher)),
             admit=auth.accepts_peer,
             header_timeout=cfg.server.header_timeout,
             max_body_size=4096,
@@ -174,8 +186,8 @@ async def start(cfg: Config) -> Running:
             embedded.stop()
         raise
     port = sockets[0].getsockname()[1]
-    logger.info("listening on http://%s:%d", cfg.server.host, port)
-    return Running(http, active, refresher, store, limits_redis, upstream, embedded, port, unthrottle=logthrottle.install(), face=face)
+    logger.info("listening on http://%s:%d (wechat-token-server %s)", cfg.server.host, port, __version__)
+    return Running(http, active, refresher, store, limits_redis, upstream, embedded, port, unthrottle=logthrottle.install(), face=face, calls=calls)
 
 
 #: Connections the rate limits may use, apart from the store's: a flood of requests that
@@ -227,6 +239,8 @@ async def stop(running: Running, timeout: float) -> None:
     if not await running.active.wait_idle(timeout):
         logger.warning("shutdown: %d requests still open after %.0fs; closing them", len(running.active.handlers), timeout)
     await running.refresher.drain(max(0.1, deadline - time.monotonic()))  # releases held locks
+    if running.calls is not None:
+        await running.calls.drain(1.0)  # the last calls' counts, while Redis is still open
     try:
         await asyncio.wait_for(running.http.close_all_connections(), 1.0)  # idle keep-alive ones
     except asyncio.TimeoutError:

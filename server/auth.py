@@ -213,7 +213,7 @@ class Authenticator:
         """Whether a direct peer may keep its connection (checked at accept, before a byte is read).
 
         With ``server.allow_ips`` set, only an allowed peer, a trusted proxy (the client
-        behind it is checked per request) or a ``server.probe_ips`` peer (for ``/healthz``;
+        behind it is checked per request) or a ``server.probe_ips`` peer (for ``/healthz`` and ``/readyz``;
         its other requests get 403) is kept.  Everyone else would only ever get a 403, so
         they are not given a file descriptor, a buffer and a header timeout to hold first.
         A peer that is no IP address (a unix socket) is kept.

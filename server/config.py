@@ -64,7 +64,7 @@ class ServerConfig:
         help="peers (IPs/CIDRs) whose X-Real-IP / X-Forwarded-For are believed", factory=lambda: ["127.0.0.1", "::1"]
     )
     probe_ips: list[str] = opt(
-        help="peers (IPs/CIDRs) outside allow_ips that may still connect, for /healthz only (a load balancer's checker)",
+        help="peers (IPs/CIDRs) outside allow_ips that may still connect, for /healthz and /readyz only (a load balancer's checker)",
         factory=list,
     )
     header_timeout: float = opt(10.0, "seconds a connection gets to send a request's headers (also the keep-alive idle limit)")
@@ -111,6 +111,7 @@ class SourceConfig:
     json: dict[str, Any] | None = opt(None, "POST body, templated like args", secret=True)
     field: str | None = opt(None, "response field holding the value (default: access_token if present, else ticket)")
     force: dict[str, Any] = opt(help="merged into args/json on a forced refresh, e.g. {force_refresh: true}", factory=dict, secret=True)
+    daily_quota: int | None = opt(None, "calls WeChat allows this source per day (China time): a warning is logged at 80%; none: counted, no warning")
     name: str = opt("", "set from the mapping key")
 
 
@@ -133,6 +134,7 @@ class AccountConfig:
     tickets: list[str] = opt(help="tickets to keep: jsapi, wx_card (official); jsapi, agent_config (wecom); none for miniprogram", factory=list)
     api_base: str = opt("", "WeChat's API origin: https://api.weixin.qq.com by default, https://qyapi.weixin.qq.com for wecom")
     default: bool = opt(False, "answers requests that name no account (implied when there is one account)")
+    daily_quota: int | None = opt(None, "calls to the token endpoint WeChat allows per day (China time): 2000 for official and miniprogram, none for wecom; a warning is logged at 80%")
     jssdk: JssdkConfig = opt(help="JS-SDK signatures for this account's web pages", factory=JssdkConfig)
     name: str = opt("", "set from the mapping key")
 
@@ -303,6 +305,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"sources.{name}.method: must be GET or POST")
         if src.json is not None and method != "POST":
             raise ConfigError(f"sources.{name}.json: a body needs method: POST")
+        if src.daily_quota is not None and src.daily_quota < 1:
+            raise ConfigError(f"sources.{name}.daily_quota: at least 1 (leave it out when the source has no quota)")
         named[name] = dataclasses.replace(src, name=name, method=method)
     order = dependency_order(named)
     seen = set()

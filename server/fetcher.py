@@ -74,6 +74,36 @@ class Policy(Protocol):
         """A valid value of ``name`` (a dependency), fetched if needed."""
 
 
+class CallCounter(Protocol):
+    """Counts upstream calls per source and day against the daily quota (server.ops.quota)."""
+
+    def record(self, name: str) -> None:
+        """Count one call of ``name``; must neither wait nor raise (a fetch never fails for it)."""
+
+    def today(self, name: str) -> tuple[int, int | None]:
+        """``(calls today, daily quota or None)``, as last known."""
+
+    async def sync(self) -> bool:
+        """Learn every instance's counts (bounded in time); False when they could not be read."""
+
+
+class LocalCalls:
+    """A :class:`CallCounter` in this process's memory only (no day, no quota): the default
+    when none is given (tests of the core, tools)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def record(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def today(self, name: str) -> tuple[int, int | None]:
+        return self.calls.get(name, 0), None
+
+    async def sync(self) -> bool:
+        return True
+
+
 class Fetcher:
     """Carries out fetches (see the module docstring); holds no state of its own beyond
     the per-source ``states`` it shares with the refresher."""
@@ -88,6 +118,7 @@ class Fetcher:
         cfg: RefreshConfig,
         metrics: Metrics,
         policy: Policy,
+        calls: CallCounter,
     ) -> None:
         self.sources = sources
         self.store = store
@@ -97,6 +128,7 @@ class Fetcher:
         self.cfg = cfg
         self.metrics = metrics
         self.policy = policy
+        self.calls = calls
 
     def _lost(self, name: str, snap: Snapshot | None) -> int:
         """Answers lost in a row: the instances' count in Redis, or this process's if higher
@@ -421,8 +453,11 @@ class Fetcher:
             raise Unavailable(f"source {name}: lost the refresh lock; another instance takes over")
 
     async def _upstream_fetch(self, source: Source, values: dict[str, str], force: bool, timeout: float) -> Fetched:
-        """One counted, timed upstream call that waits ``timeout`` seconds for its answer."""
+        """One counted, timed upstream call that waits ``timeout`` seconds for its answer.
+
+        Counted before it is made: a call whose answer is lost still used the quota."""
         self.states[source.name].upstream_calls += 1
+        self.calls.record(source.name)
         started = time.monotonic()
         result = "ok"
         try:

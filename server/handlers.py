@@ -20,6 +20,7 @@ from typing import Any
 
 import tornado.web
 
+from server import __version__
 from server.accounts import TYPES as ACCOUNT_TYPES
 from server.accounts import Accounts, LookupFailed
 from server.auth import OPERATOR, Authenticator, AuthError, Principal
@@ -272,23 +273,28 @@ class HealthHandler(BaseHandler):
 
 
 class StatusHandler(BaseHandler):
-    def get(self) -> None:
+    async def get(self) -> None:
         """Per source state, for operators (values are never shown).
 
-        ``GET /status`` -> ``200 {"sources": {"access_token": {"state": "ok", "expires_in": 6900,
-        "failures": 0, "last_error": "", "upstream_calls": 1}}}``
+        ``GET /status`` -> ``200 {"version": "0.10.0", "sources": {"access_token": {"state": "ok",
+        "expires_in": 6900, "failures": 0, "last_error": "", "upstream_calls": 1,
+        "calls_today": 3, "quota": 2000}}}``.  ``upstream_calls`` counts this process's calls
+        since it started; ``calls_today`` every instance's today (China time), read from
+        Redis (at most 0.5 s; the last known figure when Redis is slow); ``quota`` is null
+        when none is configured.
         """
+        await self.refresher.calls.sync()
         allowed = {
             # last_error may repeat an upstream message: mask whatever secret it echoes.
             n: {**s, "last_error": self.auth.redact(s["last_error"])}
             for n, s in self.refresher.status().items()
             if self.principal is None or self.principal.may_use(n)
         }
-        self.finish({"sources": allowed})
+        self.finish({"version": __version__, "sources": allowed})
 
 
 class MetricsHandler(BaseHandler):
-    def get(self) -> None:
+    async def get(self) -> None:
         """Prometheus text format (see server.metrics); states and counts, never values.
 
         ``GET /metrics`` with the secret (Prometheus: ``authorization: {credentials: ...}``) ->
@@ -299,6 +305,7 @@ class MetricsHandler(BaseHandler):
         if self.principal is None or not self.principal.may_read_metrics:
             who = self.principal.name if self.principal else "-"
             raise tornado.web.HTTPError(403, "client %s may not read /metrics", who, reason="metrics not allowed for this client")
+        await self.refresher.calls.sync()  # every instance's calls today (bounded: see StatusHandler)
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(self.refresher.metrics.render())
 

@@ -6,17 +6,25 @@
 - ``wechat_token_seconds_left{source}``: life left of the value this process knows (0: none).
 - ``wechat_token_source_state{source,state}``: 1 for the source's state (ok, backoff, blocked, quota).
 - ``wechat_token_source_failures{source}``: consecutive failed fetches.
+- ``wechat_token_upstream_calls_today{source}``: calls to WeChat today (China time) by every
+  instance, as counted in Redis (server.ops.quota).
+- ``wechat_token_daily_quota{source}``: the source's daily quota (sources with one only).
+- ``wechat_token_build_info{version,python}``: always 1; the labels say what runs.
 
-Alert on ``wechat_token_source_state{state="blocked"} == 1`` and on ``seconds_left < 300``.
+Alert on ``wechat_token_source_state{state="blocked"} == 1``, on ``seconds_left < 300`` and on
+``upstream_calls_today > 0.8 * daily_quota``.
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+
+from server import __version__
 
 STATES = ("ok", "backoff", "blocked", "quota")
 
@@ -32,6 +40,11 @@ class Metrics:
         self.upstream_seconds = Histogram(
             "wechat_token_upstream_request_seconds", "Duration of calls to WeChat", ["source"], registry=self.registry,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        # The usual Prometheus idiom for "what runs here": a constant 1 whose labels say it
+        # (join on it to tell instances running different versions apart).
+        Info("wechat_token_build", "Version of wechat-token-server and of Python", registry=self.registry).info(
+            {"version": __version__, "python": platform.python_version()}
         )
 
     def observe_upstream(self, source: str, result: str, seconds: float) -> None:
@@ -54,11 +67,20 @@ class _StatusCollector:
         left = GaugeMetricFamily("wechat_token_seconds_left", "Seconds of life left of the current value", labels=["source"])
         state = GaugeMetricFamily("wechat_token_source_state", "1 for the state the source is in", labels=["source", "state"])
         failures = GaugeMetricFamily("wechat_token_source_failures", "Consecutive failed fetches", labels=["source"])
+        calls = GaugeMetricFamily(
+            "wechat_token_upstream_calls_today", "Calls to WeChat today (China time) by every instance, counted in Redis", labels=["source"]
+        )
+        quota = GaugeMetricFamily("wechat_token_daily_quota", "Calls to WeChat allowed per day (China time)", labels=["source"])
         for name, s in self.status().items():
             left.add_metric([name], s["expires_in"])
             failures.add_metric([name], s["failures"])
+            calls.add_metric([name], s.get("calls_today", 0))
+            if s.get("quota"):
+                quota.add_metric([name], s["quota"])
             for st in STATES:
                 state.add_metric([name, st], 1.0 if s["state"] == st else 0.0)
         yield left
         yield state
         yield failures
+        yield calls
+        yield quota

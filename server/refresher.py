@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from server.config import RefreshConfig
-from server.fetcher import Fetcher
+from server.fetcher import CallCounter, Fetcher, LocalCalls
 from server.metrics import Metrics
 from server.mirror import Mirror
 from server.sources import Source
@@ -78,6 +78,7 @@ class Refresher:
         upstream: Upstream,
         cfg: RefreshConfig,
         metrics: Metrics | None = None,
+        calls: CallCounter | None = None,
     ) -> None:
         self.sources = dict(sources)  # in dependency order
         self.store = store
@@ -85,12 +86,14 @@ class Refresher:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.metrics.watch(self.status)
+        #: upstream calls per source today, against the daily quota (server.ops.quota.DailyCalls)
+        self.calls = calls or LocalCalls()
         self.states = {name: SourceState() for name in self.sources}
         self._timer: PeriodicCallback | None = None
         self._stopping = False
         self._tasks: set[asyncio.Future[Any]] = set()  # ticks, retries, wake-ups under way
         self.mirror = Mirror(store, self.states, self._announced_block)
-        self.fetcher = Fetcher(self.sources, store, upstream, self.mirror, self.states, cfg, self.metrics, self)
+        self.fetcher = Fetcher(self.sources, store, upstream, self.mirror, self.states, cfg, self.metrics, self, self.calls)
         self._watch: PeriodicCallback | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -386,17 +389,23 @@ class Refresher:
             self._spawn(self._attempt(name))
 
     def status(self) -> dict[str, dict[str, Any]]:
-        """Per source: state, seconds left, failures, last error (no values): for /status."""
+        """Per source: state, seconds left, failures, last error, upstream calls (this
+        process's since it started; today's across instances, China time, as last read:
+        ``await self.calls.sync()`` first for a fresh figure) and the daily quota (None:
+        none configured).  No values: for /status and /metrics."""
         out = {}
         now = time.monotonic()
         for name, s in self.states.items():
             block = s.blocked(now)
             st = ("quota" if block.kind == "quota" else "blocked") if block else "backoff" if s.failures else "ok"
+            calls_today, quota = self.calls.today(name)
             out[name] = {
                 "state": st,
                 "expires_in": int(s.entry.remaining()) if s.entry and s.entry.remaining() > 0 else 0,
                 "failures": s.failures,
                 "last_error": s.last_error,
                 "upstream_calls": s.upstream_calls,
+                "calls_today": calls_today,
+                "quota": quota,
             }
         return out

@@ -20,7 +20,7 @@ from tests.conftest import TEST_SECRET
 
 SHOP_SECRET = "shop-secret-0123456789abcdefXYZ"
 KEY1 = "jwt-key-one-0123456789abcdefghijklmnop"
-ROUTES = ["/wechat/token", "/wechat/token/forcerefresh", "/healthz", "/status", "/wechat/jssdk/config"]
+ROUTES = ["/wechat/token", "/wechat/token/forcerefresh", "/healthz", "/readyz", "/status", "/wechat/jssdk/config"]
 
 
 @pytest.fixture(autouse=True)
