@@ -22,7 +22,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from server import __version__
-from server.config import Config, ConfigError
+from server.config import LOG_LEVELS, Config, ConfigError, check_log_level, check_port
 from server.config_file import load_config, parse_config
 
 logger = logging.getLogger("token_server")
@@ -33,23 +33,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-c", "--config", default="./config.yaml", help="YAML config file (default: ./config.yaml)")
     p.add_argument("--check", action="store_true", help="validate the config and exit: 0 when good, 2 with the bad key")
     p.add_argument("--demo", action="store_true", help="run on an embedded Redis against the built-in WeChat sandbox")
-    p.add_argument("--port", type=int, default=None, help="override server.port")
+    p.add_argument("--port", type=int, default=None, help="override server.port (1-65535)")
     p.add_argument("--version", action="version", version=f"wechat-token-server {__version__}", help="print the version and exit")
-    p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING (default INFO)")
+    p.add_argument("--log-level", default=None, help=f"{', '.join(LOG_LEVELS)} (default: $LOG_LEVEL, else INFO)")
     return p.parse_args(argv)
 
 
-def setup_logging(level: str, cfg: Config | None = None) -> logging.Filter | None:
-    """Log to stderr; with ``cfg``, mask its secrets in every record (server.redact).
+def check_args(args: argparse.Namespace) -> None:
+    """The flags under the config's rules (server.config): ConfigError, one line, exit 2.
 
-    Called once at start (no config yet) and again once the config is loaded.  Returns
-    the installed filter, if any.
+    argparse's own refusal would print the usage too, and ``type=int`` alone lets 99999
+    through to the kernel, which binds it modulo 65536."""
+    if args.port is not None:
+        check_port("--port", args.port)
+    if args.log_level is not None:
+        args.log_level = check_log_level("--log-level", args.log_level)
+    else:
+        args.log_level = check_log_level("LOG_LEVEL (environment)", os.environ.get("LOG_LEVEL") or "INFO")
+
+
+def setup_logging(level: str, cfg: Config | None = None, to_file: bool = True) -> logging.Filter | None:
+    """Log per ``cfg.logging`` (before a config: text on stderr); with ``cfg``, mask its
+    secrets in every record (server.redact).
+
+    Called once at start (no config yet) and again once the config is loaded, which
+    replaces the first handler.  ``to_file=False`` stays on stderr (``--check``).  Returns
+    the installed filter, if any.  Raises ConfigError when ``logging.file`` cannot be opened.
     """
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from server.logformat import build_handler, install_handler
+
+    install_handler(build_handler(cfg.logging if cfg else None, to_file), level)
     if cfg is None:
         return None
     from server.redact import install
@@ -71,7 +84,7 @@ sources:
 """
 
 
-def demo_banner(port: int, secret: str, redis_port: int, sandbox: str) -> str:
+def demo_banner(port: int, secret: str, redis_port: int, sandbox: str, force_min_interval: float = 30.0) -> str:
     base = f"http://127.0.0.1:{port}"
     return f"""
 ==== wechat-token-server demo (sandbox WeChat at {sandbox}) ====
@@ -79,11 +92,17 @@ Request secret (generated for this run): {secret}
 
   curl -H 'X-Token-Secret: {secret}' '{base}/wechat/token?type=access_token'
   curl -H 'X-Token-Secret: {secret}' '{base}/wechat/token?type=ticket'
-  curl -H 'X-Token-Secret: {secret}' '{base}/wechat/token/forcerefresh?type=access_token'
   curl '{base}/healthz'
   redis-cli -p {redis_port} GET access_token
   redis-cli -p {redis_port} TTL access_token
   python -c "import redis; print(redis.Redis(port={redis_port}).get('access_token'))"
+
+A forced refresh names the token WeChat rejected (40001/42001) in old=:
+  TOKEN=$(curl -s -H 'X-Token-Secret: {secret}' '{base}/wechat/token?type=access_token' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+  curl -H 'X-Token-Secret: {secret}' "{base}/wechat/token/forcerefresh?type=access_token&old=$TOKEN"
+The answer is a new token when old= is the current one; when someone already replaced it, the
+current one, without a call to WeChat.  Without old=, a forced refresh within
+refresh.force_min_interval ({force_min_interval:g} s) of the last fetch returns that fetch's token.
 
 Stop with Ctrl-C.
 """
@@ -114,7 +133,7 @@ async def run_demo(port: int) -> int:
 
         def ready(running: Running) -> None:
             redis_port = running.embedded.port if running.embedded else 6379
-            print(demo_banner(running.port, secret, redis_port, sandbox_url), flush=True)
+            print(demo_banner(running.port, secret, redis_port, sandbox_url, cfg.refresh.force_min_interval), flush=True)
 
         try:
             return await serve(cfg, on_ready=ready)
@@ -124,15 +143,20 @@ async def run_demo(port: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        check_args(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     setup_logging(args.log_level)
     if args.demo:
         return run(run_demo(args.port or 12123))
     try:
         cfg: Config = load_config(args.config)
+        setup_logging(args.log_level, cfg, to_file=not args.check)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    setup_logging(args.log_level, cfg)
     if args.port is not None:
         import dataclasses
 

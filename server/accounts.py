@@ -26,7 +26,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.config import PLACEHOLDER_SECRETS, AccountConfig, Config, ConfigError, JssdkConfig, SourceConfig
+from server.config import (
+    EXAMPLE_APPIDS,
+    PLACEHOLDER_SECRETS,
+    AccountConfig,
+    Config,
+    ConfigError,
+    JssdkConfig,
+    SourceConfig,
+    example_appid_error,
+    is_wechat_host,
+)
 
 #: Account names become source-name prefixes (``shop.access_token``): no dots.
 ACCOUNT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
@@ -204,6 +214,8 @@ def _check(name: str, acc: AccountConfig) -> None:
                 raise ConfigError(f"{path}.{key}: missing; a wecom account needs corpid and corpsecret")
         _check_wechat_secret(f"{path}.corpsecret", acc.corpsecret)
         _check_id(f"{path}.corpid", acc.corpid)
+        if acc.corpid in EXAMPLE_APPIDS and is_wechat_host(acc.api_base or API_BASES[acc.kind]):
+            raise example_appid_error(f"{path}.corpid", acc.corpid)
         if acc.appid or acc.secret:
             raise ConfigError(f"{path}: a wecom account takes corpid and corpsecret, not appid and secret")
     else:
@@ -212,6 +224,8 @@ def _check(name: str, acc: AccountConfig) -> None:
                 raise ConfigError(f"{path}.{key}: missing; an {acc.kind} account needs appid and secret")
         _check_wechat_secret(f"{path}.secret", acc.secret)
         _check_id(f"{path}.appid", acc.appid)
+        if acc.appid in EXAMPLE_APPIDS and is_wechat_host(acc.api_base or API_BASES[acc.kind]):
+            raise example_appid_error(f"{path}.appid", acc.appid)
         if acc.corpid or acc.corpsecret or acc.agentid is not None:
             raise ConfigError(f"{path}: corpid, corpsecret and agentid are for kind: wecom")
         if acc.token not in ("stable", "classic"):

@@ -13,6 +13,7 @@ Each part is built by a small function and passed to the next; nothing is global
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import platform
 import signal
@@ -146,7 +147,7 @@ async def start(cfg: Config) -> Running:
     face: Face | None = None
     sockets: list[socket.socket] = []
     try:
-        sockets = tornado.netutil.bind_sockets(cfg.server.port, cfg.server.host)
+        sockets = bind(cfg.server.host, cfg.server.port)
         store = Store(build_redis(cfg.redis, url), cfg.redis.prefix)
         await check_redis(store, cfg, url)
         upstream = Upstream(cfg.refresh.timeout)
@@ -188,6 +189,21 @@ async def start(cfg: Config) -> Running:
     port = sockets[0].getsockname()[1]
     logger.info("listening on http://%s:%d (wechat-token-server %s)", cfg.server.host, port, __version__)
     return Running(http, active, refresher, store, limits_redis, upstream, embedded, port, unthrottle=logthrottle.install(), face=face, calls=calls)
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """The listening sockets; StartupError naming the port when it cannot be had (the
+    kernel's "Address already in use" does not say which address)."""
+    try:
+        return tornado.netutil.bind_sockets(port, host)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise StartupError(f"port {port} is already in use on {host}; stop the other process or choose another port (--port, server.port)") from None
+        if e.errno == errno.EACCES:
+            raise StartupError(f"port {port} on {host}: permission denied (ports below 1024 need privileges); use a port above 1023 behind nginx") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise StartupError(f"server.host {host} is no address of this machine; use 127.0.0.1 or one of its addresses") from None
+        raise
 
 
 #: Connections the rate limits may use, apart from the store's: a flood of requests that

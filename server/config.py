@@ -16,6 +16,7 @@ import dataclasses
 import ipaddress
 import logging
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,15 @@ PLACEHOLDER_SECRETS = frozenset(
     }
 )
 MIN_SECRET_LENGTH = 16
+#: The appids and corpid the README and config.example.yaml show.  Harmless against the sandbox
+#: (whose first app is wx123), but sent to WeChat's real host they only earn 40013 at the first
+#: call: --check says so before the server starts.
+EXAMPLE_APPIDS = frozenset({"wx123", "wx456", "wx789", "ww789"})
+#: WeChat's own API hosts (api.weixin.qq.com, qyapi.weixin.qq.com, regional ones such as
+#: sh.api.weixin.qq.com, api.wechat.com): the placeholder checks apply to these only.
+WECHAT_HOST_RE = re.compile(r"(^|\.)(weixin\.qq\.com|wechat\.com)$", re.I)
+#: Log levels --log-level (or LOG_LEVEL) accepts.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class ConfigError(Exception):
@@ -156,6 +166,12 @@ class JwtConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    format: str = opt("text", "text (one human line a record) or json (one JSON object a line, for log shippers)")
+    file: str | None = opt(None, "write the log to this file instead of stderr; reopened when logrotate moves it")
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = opt(help="HTTP server", factory=ServerConfig)
     redis: RedisConfig = opt(help="Redis connection", factory=RedisConfig)
@@ -165,6 +181,7 @@ class Config:
     clients: list[ClientConfig] = opt(help="named clients with their own secrets and sources", factory=list)
     jwt: JwtConfig | None = opt(None, "accept HS256 JWTs as Authorization: Bearer")
     face: bool = opt(True, "serve the WeChat-shaped face (/cgi-bin/...) so SDKs can use this server as their API host")
+    logging: LoggingConfig = opt(help="log format and destination (the level is --log-level)", factory=LoggingConfig)
 
 
 # --- rules that span keys ------------------------------------------------------------------
@@ -226,6 +243,64 @@ def check_secret(path: str, secret: str) -> None:
         raise ConfigError(f"{path}: shorter than {MIN_SECRET_LENGTH} characters; use a longer random secret")
 
 
+def check_port(path: str, port: int) -> None:
+    """One rule for every port a user gives (``server.port`` and ``--port``): the kernel
+    would take 99999 modulo 65536 and listen somewhere nobody looks."""
+    if not 0 < port < 65536:
+        raise ConfigError(f"{path}: must be between 1 and 65535, got {port}")
+
+
+def check_log_level(path: str, level: str) -> str:
+    """``level`` upper-cased; ConfigError for a name logging would silently take as INFO."""
+    if level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"{path}: {level[:20]!r} is no log level; use {', '.join(LOG_LEVELS)}")
+    return level.upper()
+
+
+def is_wechat_host(url: str) -> bool:
+    """Whether ``url`` points at WeChat itself (not the sandbox or a simulator)."""
+    try:
+        host = urllib.parse.urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    return bool(WECHAT_HOST_RE.search(host))
+
+
+def example_appid_error(path: str, appid: str) -> ConfigError:
+    return ConfigError(
+        f"{path}: {appid} is the documentation's example; put your account's own id (an appid is wx and 16 characters, "
+        "at mp.weixin.qq.com > Settings and Development > Basic Configuration; a corpid is at work.weixin.qq.com > My Company)"
+    )
+
+
+def is_placeholder(value: str) -> bool:
+    """An obvious stand-in for a secret: ``...`` (the README's ``export WECHAT_APPSECRET=...``),
+    ``***``, ``change-me``, ``your-secret``, ``APPSECRET`` and the words of PLACEHOLDER_SECRETS."""
+    v = value.strip()
+    return (
+        v.lower() in PLACEHOLDER_SECRETS
+        or bool(re.fullmatch(r"[.*?_<>-]*|<?(app|corp)?_?secret>?", v, re.I))
+        or bool(re.search(r"change.?me|your.?(app)?secret", v, re.I))
+    )
+
+
+def _check_wechat_placeholders(name: str, src: SourceConfig) -> None:
+    """The README's placeholders sent to WeChat's real host (see EXAMPLE_APPIDS)."""
+    if not is_wechat_host(src.url):
+        return
+    for part in ("args", "json"):
+        values = getattr(src, part) or {}
+        for key in ("appid", "corpid"):
+            if values.get(key) in EXAMPLE_APPIDS:
+                raise example_appid_error(f"sources.{name}.{part}.{key}", values[key])
+        for key in ("secret", "corpsecret", "appsecret"):
+            if isinstance(values.get(key), str) and is_placeholder(values[key]):
+                raise ConfigError(
+                    f"sources.{name}.{part}.{key}: a placeholder, not the secret WeChat issued; "
+                    "export the real AppSecret (e.g. WECHAT_APPSECRET) from mp.weixin.qq.com > Settings and Development > Basic Configuration"
+                )
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -249,8 +324,11 @@ def validate(cfg: Config) -> Config:
     Accounts must have been expanded into sources first (:func:`server.accounts.expand`;
     :mod:`server.config_file` does both)."""
     check_secret("server.secret", cfg.server.secret)
-    if not 0 < cfg.server.port < 65536:
-        raise ConfigError("server.port: must be between 1 and 65535")
+    check_port("server.port", cfg.server.port)
+    if cfg.logging.format not in ("text", "json"):
+        raise ConfigError(f"logging.format: {cfg.logging.format[:20]!r}; use text or json")
+    if cfg.logging.file is not None and not cfg.logging.file.strip():
+        raise ConfigError("logging.file: empty; give a path such as /var/log/wechat-token-server/server.log, or leave it out for stderr")
     _check_networks("server.allow_ips", cfg.server.allow_ips)
     _check_networks("server.trusted_proxies", cfg.server.trusted_proxies)
     _check_networks("server.probe_ips", cfg.server.probe_ips)
@@ -307,6 +385,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"sources.{name}.json: a body needs method: POST")
         if src.daily_quota is not None and src.daily_quota < 1:
             raise ConfigError(f"sources.{name}.daily_quota: at least 1 (leave it out when the source has no quota)")
+        _check_wechat_placeholders(name, src)
         named[name] = dataclasses.replace(src, name=name, method=method)
     order = dependency_order(named)
     seen = set()

@@ -23,7 +23,7 @@ from typing import Any, Union
 import yaml
 
 from server.accounts import expand
-from server.config import AccountConfig, Config, ConfigError, SourceConfig, validate
+from server.config import AccountConfig, Config, ConfigError, RedisConfig, RefreshConfig, ServerConfig, SourceConfig, validate
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,52 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+# --- the mistakes people make in YAML -----------------------------------------------------
+
+#: PyYAML's problem texts that an indentation slip produces, with what to say instead.  Its own
+#: words stay in parentheses: they are what a search engine knows.
+_YAML_HINTS = (
+    ("found character '\\t'", "YAML does not allow tabs for indentation; indent with spaces"),
+    ("mapping values are not allowed here",
+     "a key indented further than the key above it, or a value with ': ' in it; line the key up with the one above, or quote the value"),
+    ("expected <block end>",
+     "this line's indentation matches no key above it; indent it exactly as far as its siblings (spaces)"),
+)
+
+
+def _yaml_hint(problem: str) -> str:
+    """`` (PyYAML's problem)`` with, for the usual slips, what happened and the fix."""
+    for text, hint in _YAML_HINTS:
+        if text in problem:
+            return f": {hint} ({problem})"
+    return f" ({problem})"
+
+
+def _check_indentation_slips(raw: Mapping[str, Any]) -> None:
+    """A key written one level too far left becomes a sibling of its parent: ``args:`` under
+    ``sources:`` instead of under ``access_token:`` is a *source* named args, and the
+    conversion would then report ``sources.args.type: unknown key``.  Name the slip instead.
+    Nobody names a source ``url`` or an account ``appid`` on purpose."""
+    for section, cls, what in (("sources", SourceConfig, "a source"), ("accounts", AccountConfig, "an account")):
+        entries = raw.get(section)
+        if not isinstance(entries, Mapping):
+            continue
+        keys = [f.name for f in dataclasses.fields(cls) if f.name != "name"]
+        for key in entries:
+            if key in keys:
+                raise ConfigError(
+                    f"{section}.{key}: {key} is {what}'s key, not {what}'s name: it is indented too little; "
+                    f"indent {key}: as far as the other keys of the {what.split()[1]} above it"
+                )
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for key in raw:
+        if key in sections:
+            continue
+        for name, section_cls in (("server", ServerConfig), ("redis", RedisConfig), ("refresh", RefreshConfig)):
+            if key in {f.name for f in dataclasses.fields(section_cls)}:
+                raise ConfigError(f"{key}: unknown top-level key; if it is {name}.{key}, indent it under {name}:")
+
+
 # --- ${ENV} expansion ----------------------------------------------------------------------
 
 _MARK_RE = re.compile(r"__tsenv(\d+)__")
@@ -170,13 +216,14 @@ def parse_config(text: str, env: Mapping[str, str], source: str = "config") -> C
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line, whatever the text holds
-        raise ConfigError(f"{source}:{where} is not valid YAML ({problem})") from None
+        raise ConfigError(f"{source}:{where} is not valid YAML{_yaml_hint(problem)}") from None
     except RecursionError:
         raise ConfigError(f"{source}: nested too deeply to be a config") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: the config must be a YAML mapping of sections (server, redis, refresh, sources)")
+    _check_indentation_slips(raw)
     try:
         cfg = _build(Config, _expand(raw, refs, env), "")
     except RecursionError:

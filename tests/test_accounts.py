@@ -10,7 +10,9 @@ from server.config_file import parse_config
 from server.sandbox import DEFAULT_AGENTID, DEFAULT_APPID, DEFAULT_APPSECRET, DEFAULT_CORPID, DEFAULT_CORPSECRET, Sandbox
 from tests.conftest import AUTH, TEST_SECRET
 
-SHOP_APPID, SHOP_SECRET = "wx456", "sandbox-shop-appsecret-0123456789"
+SHOP_APPID, SHOP_SECRET = "wxshop1", "sandbox-shop-appsecret-0123456789"
+#: For configs parsed without a sandbox (WeChat's own host): the README's example ids are refused there.
+APPID = "wx0a1b2c3d4e5f6a7b"
 MINI_APPID, MINI_SECRET = "wxmini1", "sandbox-mini-appsecret-0123456789"
 CLIENT_SECRET = "shop-client-secret-0123456789"
 
@@ -20,7 +22,7 @@ def parse(accounts: dict, **extra) -> object:
     return parse_config(yaml.safe_dump(raw), env={}, source="test")
 
 
-def official(appid: str = DEFAULT_APPID, secret: str = DEFAULT_APPSECRET, **more) -> dict:
+def official(appid: str = APPID, secret: str = DEFAULT_APPSECRET, **more) -> dict:
     return {"appid": appid, "secret": secret, **more}
 
 
@@ -32,7 +34,7 @@ def test_one_account_keeps_the_plain_keys():
     assert list(cfg.sources) == ["access_token", "ticket"]
     token = cfg.sources["access_token"]
     assert token.url == "https://api.weixin.qq.com/cgi-bin/stable_token" and token.method == "POST"
-    assert token.json == {"grant_type": "client_credential", "appid": DEFAULT_APPID, "secret": DEFAULT_APPSECRET, "force_refresh": False}
+    assert token.json == {"grant_type": "client_credential", "appid": APPID, "secret": DEFAULT_APPSECRET, "force_refresh": False}
     assert token.force == {"force_refresh": True}
     assert cfg.sources["ticket"].args == {"access_token": "<<access_token>>", "type": "jsapi"}
 
@@ -41,7 +43,7 @@ def test_the_default_account_keeps_plain_keys_and_the_others_are_prefixed():
     cfg = parse({
         "main": official(tickets=["jsapi", "wx_card"], default=True),
         "shop": official(SHOP_APPID, SHOP_SECRET, token="classic", tickets=["jsapi"]),
-        "corp": {"kind": "wecom", "corpid": "ww789", "corpsecret": "corp-secret-0123456789", "agentid": 1000002,
+        "corp": {"kind": "wecom", "corpid": "ww0a1b2c3d4e5f6a7b", "corpsecret": "corp-secret-0123456789", "agentid": 1000002,
                  "tickets": ["jsapi", "agent_config"]},
     })
     assert set(cfg.sources) == {

@@ -36,10 +36,54 @@ def config_text(**overrides: object) -> str:
     return yaml.safe_dump(raw)
 
 
-def test_example_config_passes_check() -> None:
-    result = run_cli("--check", "-c", "config.example.yaml", env={"TOKEN_SERVER_SECRET": GOOD_SECRET, "WECHAT_APPSECRET": "x" * 32})
+#: An appid shaped like WeChat's (wx and 16 hex digits), standing for the user's own.
+REAL_LOOKING_APPID = "wx0a1b2c3d4e5f6a7b"
+
+
+def edited_example(tmp_path, text: str | None = None) -> str:
+    """config.example.yaml after the README's edit: the example appids replaced by the user's."""
+    text = text if text is not None else open(os.path.join(ROOT, "config.example.yaml"), encoding="utf-8").read()
+    for example in ("wx123", "wx456", "wx789", "ww789"):
+        text = text.replace(f": {example}", f": {example[:2]}{example[2:]}0a1b2c3d4e5f6")
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    path.chmod(0o600)
+    return str(path)
+
+
+def test_example_config_passes_check_once_its_appid_is_edited(tmp_path) -> None:
+    result = run_cli("--check", "-c", edited_example(tmp_path), env={"TOKEN_SERVER_SECRET": GOOD_SECRET, "WECHAT_APPSECRET": "x" * 32})
     assert result.returncode == 0, result.stderr
     assert "access_token" in result.stdout and "ticket" in result.stdout
+
+
+def test_the_readme_placeholders_are_refused_by_check(tmp_path) -> None:
+    """The README's steps taken literally: the example's appid wx123, WECHAT_APPSECRET=..."""
+    env = {"TOKEN_SERVER_SECRET": GOOD_SECRET, "WECHAT_APPSECRET": "x" * 32}
+    unedited = run_cli("--check", "-c", "config.example.yaml", env=env)
+    assert unedited.returncode == 2
+    assert unedited.stderr.strip() == (
+        "config error: sources.access_token.json.appid: wx123 is the documentation's example; put your account's own id "
+        "(an appid is wx and 16 characters, at mp.weixin.qq.com > Settings and Development > Basic Configuration; "
+        "a corpid is at work.weixin.qq.com > My Company)"
+    )
+    dots = run_cli("--check", "-c", edited_example(tmp_path), env={**env, "WECHAT_APPSECRET": "..."})
+    assert dots.returncode == 2
+    assert dots.stderr.strip().splitlines() == [
+        "config error: sources.access_token.json.secret: a placeholder, not the secret WeChat issued; export the real AppSecret "
+        "(e.g. WECHAT_APPSECRET) from mp.weixin.qq.com > Settings and Development > Basic Configuration"
+    ]
+
+
+@pytest.mark.parametrize("api", ["https://api.weixin.qq.com", "https://sh.api.weixin.qq.com", "https://qyapi.weixin.qq.com"])
+def test_example_appids_are_refused_only_against_wechats_own_host(api) -> None:
+    def text(base: str) -> str:
+        return f"server: {{secret: {GOOD_SECRET}}}\naccounts:\n  main: {{appid: wx123, secret: {'s' * 32}, api_base: '{base}'}}\n"
+
+    with pytest.raises(ConfigError, match=r"^accounts\.main\.appid: wx123 is the documentation's example; "):
+        parse_config(text(api), {})
+    # The tests' and the demo's sandbox has an app wx123: pointing there is not a mistake.
+    assert parse_config(text("http://127.0.0.1:9"), {}).sources["access_token"].json["appid"] == "wx123"
 
 
 def test_issue_shape_with_flow_mappings_and_env(tmp_path) -> None:
@@ -49,13 +93,13 @@ def test_issue_shape_with_flow_mappings_and_env(tmp_path) -> None:
         "server:\n  secret: ${TOKEN_SERVER_SECRET}\n"
         "sources:\n"
         "  access_token:\n    url: https://api.weixin.qq.com/cgi-bin/token\n    method: GET\n"
-        "    args: {grant_type: client_credential, appid: wx123, secret: ${WECHAT_APPSECRET}}\n"
+        "    args: {grant_type: client_credential, appid: wx0a1b2c3d4e5f6a7b, secret: ${WECHAT_APPSECRET}}\n"
         "  ticket:\n    url: https://api.weixin.qq.com/cgi-bin/ticket/getticket\n    method: GET\n"
         "    args: {type: jsapi, access_token: <<access_token>>}\n"
     )
     cfg = parse_config(path.read_text(), {"TOKEN_SERVER_SECRET": GOOD_SECRET, "WECHAT_APPSECRET": "x}: {evil: 1"})
     # The secret's YAML syntax stays data: it does not add keys.
-    assert cfg.sources["access_token"].args == {"grant_type": "client_credential", "appid": "wx123", "secret": "x}: {evil: 1"}
+    assert cfg.sources["access_token"].args == {"grant_type": "client_credential", "appid": "wx0a1b2c3d4e5f6a7b", "secret": "x}: {evil: 1"}
     assert cfg.sources["ticket"].args["access_token"] == "<<access_token>>"
 
 
@@ -170,14 +214,24 @@ def test_config_error_is_no_config_for_a_non_mapping_section() -> None:
 def test_readme_documents_every_config_key() -> None:
     import dataclasses
 
-    from server.config import AccountConfig, Config, JssdkConfig, RedisConfig, RefreshConfig, ServerConfig, SourceConfig
+    from server.config import (
+        AccountConfig,
+        Config,
+        JssdkConfig,
+        LoggingConfig,
+        RedisConfig,
+        RefreshConfig,
+        ServerConfig,
+        SourceConfig,
+    )
 
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    keys = [f"`{section}.{f.name}`" for section, cls in (("server", ServerConfig), ("redis", RedisConfig), ("refresh", RefreshConfig)) for f in dataclasses.fields(cls)]
+    sections = (("server", ServerConfig), ("redis", RedisConfig), ("refresh", RefreshConfig), ("logging", LoggingConfig))
+    keys = [f"`{section}.{f.name}`" for section, cls in sections for f in dataclasses.fields(cls)]
     keys += [f"`sources.NAME.{f.name}`" for f in dataclasses.fields(SourceConfig) if f.name != "name"]
     keys += [f"`accounts.NAME.{f.name}`" for f in dataclasses.fields(AccountConfig) if f.name not in ("name", "jssdk")]
     keys += [f"`accounts.NAME.jssdk.{f.name}`" for f in dataclasses.fields(JssdkConfig)]
-    keys += [f"`{f.name}`" for f in dataclasses.fields(Config) if f.name not in ("server", "redis", "refresh", "sources", "accounts")]
+    keys += [f"`{f.name}`" for f in dataclasses.fields(Config) if f.name not in ("server", "redis", "refresh", "logging", "sources", "accounts")]
     missing = [k for k in keys if k not in readme]
     assert not missing, f"README's configuration table lacks {missing}"
 
@@ -192,9 +246,7 @@ def test_the_examples_commented_accounts_pass_check(tmp_path) -> None:
             break
         block.append(line[2:])
     text = "server: {secret: ${TOKEN_SERVER_SECRET}}\n" + "\n".join(block) + "\n"
-    path = tmp_path / "accounts.yaml"
-    path.write_text(text)
-    path.chmod(0o600)
+    path = edited_example(tmp_path, text)
     env = {"TOKEN_SERVER_SECRET": GOOD_SECRET, **{k: "x" * 32 for k in ("MAIN_APPSECRET", "SHOP_APPSECRET", "MINI_APPSECRET", "CORP_SECRET")}}
     result = run_cli("--check", "-c", str(path), env=env)
     assert result.returncode == 0, result.stderr
@@ -221,3 +273,68 @@ def test_a_billion_laughs_is_refused() -> None:
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
     with pytest.raises(ConfigError, match="aliases"):
         parse_config("\n".join(lines) + "\n", env={}, source="config")
+
+
+# --- the YAML mistakes a new user makes: what happened and the fix, one line ----------------
+
+SLIP_BASE = "server: {secret: test-request-secret-0123456789abcdef}\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (  # args: two spaces short: it became a source named args
+        "sources:\n  access_token:\n    url: http://x/a\n  args: {type: jsapi}\n",
+        "sources.args: args is a source's key, not a source's name: it is indented too little; "
+        "indent args: as far as the other keys of the source above it",
+    ),
+    (
+        "accounts:\n  main:\n    appid: wx0a1b2c3d4e5f6a7b\n  secret: ${S}\n",
+        "accounts.secret: secret is an account's key, not an account's name: it is indented too little; "
+        "indent secret: as far as the other keys of the account above it",
+    ),
+    (
+        "port: 8080\nsources: {t: {url: 'http://x/a'}}\n",
+        "port: unknown top-level key; if it is server.port, indent it under server:",
+    ),
+    (  # method: two spaces too far right
+        "sources:\n  t:\n    url: http://x/a\n      method: GET\n",
+        "config.yaml: line 5 is not valid YAML: a key indented further than the key above it, or a value with ': ' in it; "
+        "line the key up with the one above, or quote the value (mapping values are not allowed here)",
+    ),
+    (  # url: one space too far right of nothing
+        "sources:\n  t:\n    url: http://x/a\n   method: GET\n",
+        "config.yaml: line 5 is not valid YAML: this line's indentation matches no key above it; indent it exactly as far "
+        "as its siblings (spaces) (expected <block end>, but found '<block mapping start>')",
+    ),
+    (
+        "sources:\n  t:\n\turl: http://x/a\n",
+        "config.yaml: line 4 is not valid YAML: YAML does not allow tabs for indentation; indent with spaces "
+        "(found character '\\t' that cannot start any token)",
+    ),
+])
+def test_indentation_slips_say_what_happened_and_the_fix(text, expected) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(SLIP_BASE + text, env={"S": "s" * 32}, source="config.yaml")
+    assert str(err.value) == expected
+
+
+def test_a_tab_through_check_is_one_line(tmp_path) -> None:
+    path = tmp_path / "tab.yaml"
+    path.write_text(SLIP_BASE + "sources:\n  t:\n\turl: http://x/a\n")
+    path.chmod(0o600)
+    result = run_cli("--check", "-c", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"config error: {path}: line 4 is not valid YAML: YAML does not allow tabs for indentation; indent with spaces "
+        "(found character '\\t' that cannot start any token)"
+    ]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("logging: {format: xml}", "logging.format: 'xml'; use text or json"),
+    ("logging: {file: ''}", "logging.file: empty; give a path such as /var/log/wechat-token-server/server.log, or leave it out for stderr"),
+    ("logging: {level: DEBUG}", "logging.level: unknown key (known keys: format, file)"),
+])
+def test_logging_section_refusals(text, expected) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(SLIP_BASE + "sources: {t: {url: 'http://x/a'}}\n" + text + "\n", env={})
+    assert str(err.value) == expected

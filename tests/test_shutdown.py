@@ -92,7 +92,7 @@ async def test_failed_start_stops_the_embedded_redis(token_servers, sandbox_url,
     srv = token_servers(cfg, "ts", port=busy.getsockname()[1]).start()
     try:
         assert await srv.wait_exit(15) == 1, srv.log_tail()
-        assert "Address already in use" in srv.log()
+        assert f"port {srv.port} is already in use" in srv.log()
         await asyncio.sleep(0.3)
         left = pids_with_cwd(str(data_dir))
         for pid in left:  # started by this test (through the server): do not let them outlive it
