@@ -211,6 +211,7 @@ def test_generated_requests_get_a_json_answer_below_500(io_loop, make_config, sa
     @example(method="GET", path="/wechat/token", query="type=access_token", headers={}, credential="default", body=None)
     @example(method="GET", path="/wechat/token/forcerefresh", query="type=ticket&old=x", headers={}, credential="jwt_bot", body=None)
     @example(method="GET", path="/status", query="", headers={}, credential="shop", body=None)
+    @example(method="PUT", path="/wechat/token", query="type=access_token", headers={}, credential="default", body=b"x")
     @example(method="GET", path="/wechat/jssdk/config", query="url=https%3A%2F%2Fshop.example.com%2F&account=corp&type=agent_config",
              headers={}, credential="default", body=None)
     @example(method="OPTIONS", path="/wechat/jssdk/config", query="url=x&account=web", headers={"Origin": "https://shop.example.com"},

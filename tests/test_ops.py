@@ -245,16 +245,16 @@ def test_daily_quotas_default_per_kind_and_are_checked():
         return parse_config(yaml.safe_dump(raw), env={}, source="test")
 
     cfg = parse({
-        "main": {"appid": "wx123", "secret": appsecret, "tickets": ["jsapi"], "default": True},
+        "main": {"appid": "wxmain1", "secret": appsecret, "tickets": ["jsapi"], "default": True},
         "mini": {"kind": "miniprogram", "appid": "wxmini", "secret": appsecret, "daily_quota": 500},
-        "corp": {"kind": "wecom", "corpid": "ww789", "corpsecret": appsecret, "agentid": 1000002, "tickets": ["jsapi"]},
+        "corp": {"kind": "wecom", "corpid": "wwcorp1", "corpsecret": appsecret, "agentid": 1000002, "tickets": ["jsapi"]},
     })
     quotas = {name: src.daily_quota for name, src in cfg.sources.items()}
     assert quotas == {"access_token": 2000, "ticket": None, "mini.access_token": 500, "corp.access_token": None, "corp.ticket": None}
     bare = parse(sources={"t": {"url": "https://api.weixin.qq.com/cgi-bin/token", "daily_quota": 100}, "u": {"url": "https://example.com/u"}})
     assert (bare.sources["t"].daily_quota, bare.sources["u"].daily_quota) == (100, None)
     with pytest.raises(ConfigError, match=r"^accounts\.main\.daily_quota: at least 1"):
-        parse({"main": {"appid": "wx123", "secret": appsecret, "daily_quota": 0}})
+        parse({"main": {"appid": "wxmain1", "secret": appsecret, "daily_quota": 0}})
     with pytest.raises(ConfigError, match=r"^sources\.t\.daily_quota: at least 1"):
         parse(sources={"t": {"url": "https://example.com/t", "daily_quota": -5}})
     with pytest.raises(ConfigError, match=r"^sources\.t\.daily_quota: must be an integer"):
