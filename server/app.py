@@ -54,6 +54,8 @@ from server.refresher import Refresher
 from server.sources import Source
 from server.store import Store, build_redis
 from server.upstream import Upstream
+from server.web.session import Sessions
+from server.web.status_page import status_page_routes
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ def make_app(
     jssdk_limits: Mapping[str, SharedLimit] | None = None,
     face: Face | None = None,
     readiness: Readiness | None = None,
+    sessions: Sessions | None = None,
 ) -> tornado.web.Application:
     """The HTTP application over built parts (see handlers for each endpoint).
 
@@ -75,7 +78,8 @@ def make_app(
     ``jssdk_limits``: the per-IP limit of each account whose JS-SDK signing is public (see
     server.jssdk_handler); an account without one is not served publicly.  ``face`` (None:
     ``face: false``) adds the WeChat-shaped face after these routes, which keep precedence
-    (see server.face).
+    (see server.face).  ``sessions`` (None: no page) adds the operator's status page under
+    ``/wechat/status/`` (see server.web).
     """
     deps = {"refresher": refresher, "auth": auth, "active": active, "accounts": accounts}
     app = tornado.web.Application(
@@ -93,6 +97,9 @@ def make_app(
         log_function=log_request,
         compress_response=False,
     )
+    # --- the operator's status page (server.web), before the face's catch-all proxy ---
+    if sessions is not None:
+        app.wildcard_router.add_rules(status_page_routes(sessions, deps))
     # --- the WeChat-shaped face (server.face) ---
     if face is not None:
         add_face(app, face, deps)
@@ -162,10 +169,14 @@ async def start(cfg: Config) -> Running:
         auth = Authenticator(cfg, *shared_limits(limits_redis, cfg))
         accounts = Accounts.from_config(cfg)
         face = Face.build(refresher, accounts, cfg.refresh.overlap) if cfg.face else None
-        # The API takes no body: refuse big ones early, and do not wait long for slow ones.
+        # The API takes no body (the status page's login and refresh: a few bytes): refuse big
+        # ones early, and do not wait long for slow ones.
         # Refused peers are closed at accept, heads get server.header_timeout (server.listener).
         http = GuardedHTTPServer(
-            make_app(refresher, auth, active, accounts, public_limits(limits_redis, cfg.redis.prefix, accounts), face, Readiness(store, refresher)),
+            make_app(
+                refresher, auth, active, accounts, public_limits(limits_redis, cfg.redis.prefix, accounts), face,
+                Readiness(store, refresher), Sessions(cfg.server.secret, auth),
+            ),
             admit=auth.accepts_peer,
             header_timeout=cfg.server.header_timeout,
             max_body_size=4096,

@@ -209,6 +209,12 @@ class Authenticator:
             found = ip
         return str(found or peer)  # every hop a trusted proxy: the first one is the client
 
+    def from_trusted_proxy(self, request: HTTPServerRequest) -> bool:
+        """Whether the direct peer is in ``server.trusted_proxies`` (its ``X-Forwarded-*``
+        headers may be believed)."""
+        peer = parse_ip(request.remote_ip)
+        return peer is not None and self._is_trusted(peer)
+
     def accepts_peer(self, address: str) -> bool:
         """Whether a direct peer may keep its connection (checked at accept, before a byte is read).
 
