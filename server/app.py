@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import platform
 import signal
 import socket
@@ -155,7 +156,7 @@ async def start(cfg: Config) -> Running:
     sockets: list[socket.socket] = []
     try:
         sockets = bind(cfg.server.host, cfg.server.port)
-        store = Store(build_redis(cfg.redis, url), cfg.redis.prefix)
+        store = Store(build_redis(cfg.redis, url), cfg.redis.prefix, instance=f"{socket.gethostname()}:{os.getpid()}")
         await check_redis(store, cfg, url)
         upstream = Upstream(cfg.refresh.timeout)
         sources = {name: Source(src) for name, src in cfg.sources.items()}

@@ -14,8 +14,9 @@ Layout for a source ``NAME`` under the configured ``prefix`` (source names canno
     ``claimed`` (the highest version handed to a fetch).  No TTL: the version must
     outlive the value so fencing still works after expiry.
 ``<prefix>NAME:lock``
-    ``SET NX PX`` lock a process holds while it fetches NAME; its value is a random
-    token so only the holder deletes it.
+    ``SET NX PX`` lock a process holds while it fetches NAME; its value is
+    ``INSTANCE/RANDOM``: the random part makes sure only the holder deletes it, the instance
+    (host:pid) tells the operator who is fetching.
 ``<prefix>NAME:blocked``
     JSON ``{"kind": "fatal"|"quota", "errcode", "errmsg"}`` while no instance may call
     upstream for NAME (a fatal error until a value is stored, 45009 until midnight China
@@ -308,9 +309,10 @@ def build_redis(cfg: RedisConfig, url: str | None = None, max_connections: int =
 class Store:
     """All Redis access.  Every method may raise redis.RedisError; callers decide the fallback."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str = "") -> None:
+    def __init__(self, redis: aioredis.Redis, prefix: str = "", instance: str = "") -> None:
         self.redis = redis
         self.prefix = prefix
+        self.instance = instance  # shown as the lock holder (host:pid), never a secret
         self._acquire = redis.register_script(_ACQUIRE_LUA)
         self._write = redis.register_script(_WRITE_LUA)
         self._release = redis.register_script(_RELEASE_LUA)
@@ -468,7 +470,7 @@ class Store:
 
         ``known`` is the highest version this process holds: the lease's version is above it.
         """
-        token = secrets.token_hex(16)
+        token = f"{self.instance}/{secrets.token_hex(16)}"
         version = await self._acquire(
             keys=[self.key(name) + ":lock", self.key(name) + ":meta"], args=[token, max(1, int(lease * 1000)), str(known)]
         )
@@ -484,6 +486,14 @@ class Store:
 
     async def locked(self, name: str) -> bool:
         return bool(await self.redis.exists(self.key(name) + ":lock"))
+
+    async def lock_holders(self, names: list[str]) -> dict[str, str | None]:
+        """Per source, the instance holding its refresh lock now (None: nobody), one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.get(self.key(name) + ":lock")
+            raw = await pipe.execute()
+        return {name: (value.rsplit("/", 1)[0] or "an instance") if value else None for name, value in zip(names, raw, strict=True)}
 
     async def versions(self, names: list[str]) -> dict[str, tuple[int, float] | None]:
         """Per source, the version and remaining life (seconds) of the value Redis holds, None

@@ -252,3 +252,27 @@ async def test_hostile_bodies_get_4xx_and_reach_nothing(make_config, start_serve
     assert (await b.request(PAGE + "data", "POST", b"")).code == 405
     assert set(redis_sync.keys("*")) - keys <= {k for k in redis_sync.keys("*") if "auth-failures" in k}
     assert dict(sandbox.calls) == calls
+
+
+@pytest.mark.gen_test
+async def test_data_names_the_instance_that_holds_the_lock(make_config, start_server, browserish, sandbox, call):
+    import asyncio
+    import os
+    import socket
+
+    from server.sandbox import TOKEN_PATH
+
+    srv = await start_server(make_config(refresh={"force_min_interval": 0}))
+    b = browserish(srv.port)
+    await b.login()
+    _, data = await b.data()
+    assert data["sources"]["access_token"]["lock_holder"] is None
+    sandbox.inject(TOKEN_PATH, "hang", delay=1.5)
+    forced = asyncio.ensure_future(call(srv.port, "/wechat/token/forcerefresh", type="access_token"))
+    await asyncio.sleep(0.5)
+    _, data = await b.data()
+    assert data["sources"]["access_token"]["lock_holder"] == f"{socket.gethostname()}:{os.getpid()}"
+    assert data["sources"]["ticket"]["lock_holder"] is None
+    assert (await forced)[0] == 200
+    _, data = await b.data()
+    assert data["sources"]["access_token"]["lock_holder"] is None

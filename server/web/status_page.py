@@ -18,6 +18,7 @@ routes are the API's JSON errors; the login form answers in HTML.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import logging
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import tornado.web
+from redis.exceptions import RedisError
 
 from server.accounts import Accounts
 from server.auth import OPERATOR, Authenticator, AuthError, Principal
@@ -173,12 +175,16 @@ class LogoutHandler(PageHandler):
 
 
 class DataHandler(PageHandler):
-    def get(self) -> None:
+    async def get(self) -> None:
         """``GET /wechat/status/data`` -> ``200 {"sources": {...}, "accounts": {...},
         "server_time": 1700000000.0, "csrf": "...", "poll_seconds": 5}`` (see
         server.web.status_view.page_data); 401 without a session."""
         sid = self.require_session()
-        data = page_data(self.refresher, self.accounts, self.auth.redact)
+        try:
+            holders = await asyncio.wait_for(self.refresher.store.lock_holders(list(self.refresher.sources)), 0.5)
+        except (RedisError, asyncio.TimeoutError):
+            holders = {}  # the page still shows what this process knows
+        data = page_data(self.refresher, self.accounts, self.auth.redact, holders)
         self.finish({**data, "csrf": self.sessions.csrf_token(sid), "poll_seconds": POLL_SECONDS})
 
 

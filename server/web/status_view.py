@@ -46,14 +46,14 @@ def advice(errcode: int) -> str:
     return ADVICE.get(errcode, DEFAULT_ADVICE)
 
 
-def page_data(refresher: Refresher, accounts: Accounts, redact: Callable[[str], str]) -> dict[str, Any]:
+def page_data(refresher: Refresher, accounts: Accounts, redact: Callable[[str], str], holders: dict[str, str | None]) -> dict[str, Any]:
     """The page's view of every source, in config order (see the module docstring).
 
     Times: ``expires_in``, ``retry_in``, ``block_ends_in`` are seconds from now (None: never);
     ``fetched_at`` is unix seconds on this host's clock (for display only), None without a value.
     ``{"sources": {"access_token": {"state": "ok", "expires_in": 6900, ..., "account": "main",
     "type": "access_token", "refreshing": false, "fetched_at": 1700000000.0, "retry_in": 0,
-    "blocked": null}}, "accounts": {"main": {"kind": "official", "appid": "wx123", "default": true}}}``
+    "blocked": null, "lock_holder": null}}, "accounts": {"main": {"kind": "official", "appid": "wx123", "default": true}}}``
     """
     status = refresher.status()
     now, wall = time.monotonic(), time.time()
@@ -72,6 +72,7 @@ def page_data(refresher: Refresher, accounts: Accounts, redact: Callable[[str], 
             "account": account.name if account else None,
             "type": type_,
             "refreshing": flight is not None and not flight.done(),
+            "lock_holder": holders.get(name),  # the instance fetching it now, any instance
             "fetched_at": round(wall - entry.age(), 3) if entry is not None else None,
             "retry_in": round(max(0.0, state.retry_at - now), 1) if state.failures else 0,
             "blocked": None

@@ -82,6 +82,7 @@
         calls = src.calls_today + (typeof src.quota === "number" ? " / " + src.quota : "") + " today · " + calls;
       }
       q(el, ".calls").textContent = calls;
+      q(el, ".holder").textContent = src.lock_holder ? "being fetched by " + src.lock_holder : "nobody is fetching";
       renderTrouble(el, src);
     }
     for (const [name, c] of cards) {
