@@ -176,6 +176,9 @@ def run(main_coroutine: Coroutine[Any, Any, int]) -> int:
 
     try:
         return asyncio.run(main_coroutine)
+    except ConfigError as e:  # found only when starting (e.g. redis.data_dir not writable)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except (OSError, StartupError) as e:
         logger.error("cannot start: %s", e)
         return 1

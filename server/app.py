@@ -33,7 +33,7 @@ from tornado.httpserver import HTTPServer
 from server import __version__, logthrottle
 from server.accounts import Accounts
 from server.auth import Authenticator
-from server.config import Config
+from server.config import Config, ConfigError
 from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from server.face import Face, add_face
 from server.handlers import (
@@ -132,6 +132,15 @@ def redis_url(cfg: Config) -> tuple[str | None, EmbeddedRedis | None]:
     """The Redis URL to use, starting an embedded redis-server when none is configured."""
     if cfg.redis.url is not None or cfg.redis.sentinel is not None:
         return cfg.redis.url, None
+    try:
+        os.makedirs(cfg.redis.data_dir, mode=0o700, exist_ok=True)
+        if not os.access(cfg.redis.data_dir, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:
+        # Under the systemd unit ./data is read-only: a config error (exit 2, not retried by
+        # Restart=), not a transient failure.
+        raise ConfigError(f"redis.data_dir: cannot use {cfg.redis.data_dir!r} for the embedded Redis ({e.strerror or e}); "
+                          "point it at a writable directory, e.g. /var/lib/wechat-token-server (the unit's StateDirectory)") from None
     try:
         embedded = EmbeddedRedis(cfg.redis.data_dir, cfg.redis.port)
         url = embedded.start()

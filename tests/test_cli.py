@@ -154,3 +154,19 @@ def test_the_demos_forcerefresh_line_with_old_returns_a_new_token(tmp_path) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_unusable_embedded_redis_data_dir_is_a_config_error(tmp_path) -> None:
+    # Under the systemd unit ./data is read-only: exit 2 (not retried), one line naming the key.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "server: {secret: test-request-secret-0123456789abcdef, port: 12399}\n"
+        f"redis: {{data_dir: '{blocker}/data'}}\n"
+        "sources: {t: {url: 'https://example.com/t'}}\n"
+    )
+    cfg.chmod(0o600)
+    result = cli("-c", str(cfg))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("config error: redis.data_dir: cannot use")

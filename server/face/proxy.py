@@ -263,6 +263,10 @@ class ProxyHandler(FaceHandler):
             value = resp.headers.get(name)
             if value is not None:
                 self.set_header(name, value)
+        # WeChat's answer is JSON or a media file, never a page to run on this origin (the
+        # status page lives here too).
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Content-Security-Policy", "sandbox; default-src 'none'")
         if resp.body and resp.code not in (204, 304):  # Tornado refuses a body on those
             self.write(resp.body)
         self.finish()

@@ -22,6 +22,7 @@ import asyncio
 import html
 import json
 import logging
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,17 @@ class AssetHandler(PageHandler):
 
 
 class LoginHandler(PageHandler):
+    def cross_site(self) -> bool:
+        """Whether the browser says the form came from another site (``Sec-Fetch-Site``), or
+        from another origin (``Origin`` naming another host than this request's)."""
+        fetch_site = self.request.headers.get("Sec-Fetch-Site", "")
+        if fetch_site in ("cross-site", "same-site"):
+            return True
+        origin = self.request.headers.get("Origin")
+        if origin is None:
+            return False  # not a browser, or a very old one: the secret itself still has to match
+        return origin == "null" or urllib.parse.urlsplit(origin).netloc.lower() != (self.request.host or "").lower()
+
     def get(self) -> None:
         """``GET /wechat/status/login`` -> the login form (text/html)."""
         if self.session is not None:
@@ -142,6 +154,13 @@ class LoginHandler(PageHandler):
         """``POST /wechat/status/login`` with ``secret=...`` (form) -> 303 to ``./`` with the
         session cookie; the form again with 403 (wrong secret, counted), 400 (empty) or 429
         (too many failures from this IP, with ``Retry-After``)."""
+        if self.cross_site():
+            # Another site's page submitting this form: refused before anything is counted,
+            # or any page the operator opens could lock the operator's IP out of the API.
+            logger.warning("status page login refused: a cross-site form post from %s", self.ip)
+            self.set_status(403)
+            self.login_form("refused: the login form must be sent from this page")
+            return
         secret = self.get_body_argument("secret", default="", strip=False) or ""
         try:
             self.principal = await self.sessions.check_login(secret, self.ip or self.request.remote_ip or "-")
