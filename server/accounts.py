@@ -208,24 +208,19 @@ def _check(name: str, acc: AccountConfig) -> None:
         raise ConfigError(f"{path}: an account name is letters, digits, _ - (at most 32), starting with a letter")
     if acc.kind not in KINDS:
         raise ConfigError(f"{path}.kind: {acc.kind!r} is no kind; use one of {', '.join(KINDS)}")
-    if acc.kind == "wecom":
-        for key in ("corpid", "corpsecret"):
-            if not getattr(acc, key):
-                raise ConfigError(f"{path}.{key}: missing; a wecom account needs corpid and corpsecret")
-        _check_wechat_secret(f"{path}.corpsecret", acc.corpsecret)
-        _check_id(f"{path}.corpid", acc.corpid)
-        if acc.corpid in EXAMPLE_APPIDS and is_wechat_host(acc.api_base or API_BASES[acc.kind]):
-            raise example_appid_error(f"{path}.corpid", acc.corpid)
-        if acc.appid or acc.secret:
-            raise ConfigError(f"{path}: a wecom account takes corpid and corpsecret, not appid and secret")
-    else:
-        for key in ("appid", "secret"):
-            if not getattr(acc, key):
-                raise ConfigError(f"{path}.{key}: missing; an {acc.kind} account needs appid and secret")
-        _check_wechat_secret(f"{path}.secret", acc.secret)
-        _check_id(f"{path}.appid", acc.appid)
-        if acc.appid in EXAMPLE_APPIDS and is_wechat_host(acc.api_base or API_BASES[acc.kind]):
-            raise example_appid_error(f"{path}.appid", acc.appid)
+    wecom = acc.kind == "wecom"
+    id_key, secret_key = ("corpid", "corpsecret") if wecom else ("appid", "secret")
+    article = "an" if acc.kind[0] in "aeiou" else "a"
+    for key in (id_key, secret_key):
+        if not getattr(acc, key):
+            raise ConfigError(f"{path}.{key}: missing; {article} {acc.kind} account needs {id_key} and {secret_key}")
+    _check_wechat_secret(f"{path}.{secret_key}", getattr(acc, secret_key))
+    _check_id(f"{path}.{id_key}", getattr(acc, id_key))
+    if getattr(acc, id_key) in EXAMPLE_APPIDS and is_wechat_host(acc.api_base or API_BASES[acc.kind]):
+        raise example_appid_error(f"{path}.{id_key}", getattr(acc, id_key))
+    if wecom and (acc.appid or acc.secret):
+        raise ConfigError(f"{path}: a wecom account takes corpid and corpsecret, not appid and secret")
+    if not wecom:
         if acc.corpid or acc.corpsecret or acc.agentid is not None:
             raise ConfigError(f"{path}: corpid, corpsecret and agentid are for kind: wecom")
         if acc.token not in ("stable", "classic"):
@@ -235,7 +230,7 @@ def _check(name: str, acc: AccountConfig) -> None:
             raise ConfigError(f"{path}.tickets[{i}]: {ticket!r} is no ticket type; use {', '.join(TICKET_TYPES)}")
         if ticket not in TICKETS_OF[acc.kind]:
             have = ", ".join(TICKETS_OF[acc.kind]) or "none"
-            raise ConfigError(f"{path}.tickets[{i}]: a {acc.kind} account has no {ticket} ticket (it has: {have})")
+            raise ConfigError(f"{path}.tickets[{i}]: {article} {acc.kind} account has no {ticket} ticket (it has: {have})")
     if len(set(acc.tickets)) != len(acc.tickets):
         raise ConfigError(f"{path}.tickets: list each ticket once")
     if "agent_config" in acc.tickets and acc.agentid is None:

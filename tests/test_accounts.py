@@ -82,7 +82,7 @@ def test_a_client_limited_to_accounts_gets_their_sources():
     ({"a": official(kind="service")}, "accounts.a.kind: 'service' is no kind; use one of official, miniprogram, wecom"),
     ({"a": official(tickets=["jsapi2"])}, "accounts.a.tickets[0]: 'jsapi2' is no ticket type; use jsapi, wx_card, agent_config"),
     ({"a": official(kind="miniprogram", tickets=["jsapi"])}, "accounts.a.tickets[0]: a miniprogram account has no jsapi ticket (it has: none)"),
-    ({"a": official(tickets=["agent_config"])}, "accounts.a.tickets[0]: a official account has no agent_config ticket (it has: jsapi, wx_card)"),
+    ({"a": official(tickets=["agent_config"])}, "accounts.a.tickets[0]: an official account has no agent_config ticket (it has: jsapi, wx_card)"),
     ({"a": {"kind": "wecom", "corpid": "ww1", "corpsecret": "s" * 20, "tickets": ["agent_config"]}},
      "accounts.a.agentid: the agent_config ticket needs the app's agentid"),
     ({"a": {"kind": "wecom", "corpid": "ww1"}}, "accounts.a.corpsecret: missing; a wecom account needs corpid and corpsecret"),
