@@ -12,10 +12,9 @@ one fetch:
 2. fencing on write (``Store.write``): a slow fetch never overwrites a value fetched after it;
 3. failures announced to every instance before the lock is released (backoff, blocks);
 4. lost answers (a timeout, a dropped connection, a fetch cancelled at shutdown), which may
-   have issued a token nobody received: the stored token's life is cut to WeChat's overlap,
-   the next call waits twice as long (up to 8 times ``refresh.timeout``, remembered while
-   WeChat stays slow), and after two lost answers in a row the stored token is checked with
-   ``getcallbackip`` (no quota) and dropped when WeChat rejects it;
+   have issued a token nobody received: :class:`~server.lost_answers.LostAnswers` cuts the
+   stored token's life, makes the next call wait longer, and checks the stored token with
+   WeChat after two in a row;
 5. without Redis, a value is fetched in memory only when it is about to expire.
 
 It asks its :class:`Policy` (the refresher) whether a value answers a request, whether a
@@ -27,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
@@ -35,6 +33,7 @@ from typing import Protocol
 from redis.exceptions import RedisError
 
 from server.config import RefreshConfig
+from server.lost_answers import LostAnswers
 from server.metrics import Metrics
 from server.mirror import Mirror
 from server.sources import Fetched, Source
@@ -52,7 +51,6 @@ from server.upstream import ErrorKind, Upstream, UpstreamError
 
 logger = logging.getLogger(__name__)
 
-MAX_TIMEOUT_GROWTH = 3  # after lost answers a call waits up to 2**3 times refresh.timeout
 
 
 class Policy(Protocol):
@@ -129,35 +127,7 @@ class Fetcher:
         self.metrics = metrics
         self.policy = policy
         self.calls = calls
-
-    def _lost(self, name: str, snap: Snapshot | None) -> int:
-        """Answers lost in a row: the instances' count in Redis, or this process's if higher
-        (Redis may have lost its count with its data)."""
-        return max(snap.lost if snap is not None else 0, self.states[name].lost_answers)
-
-    def _timeout(self, name: str, snap: Snapshot | None) -> float:
-        """Seconds to wait for an answer: ``refresh.timeout``, doubled for each answer lost in a
-        row (up to 2**MAX_TIMEOUT_GROWTH times), or as often as the last answered call needed:
-        a WeChat slower than the timeout issues a token on every call we give up on, so the
-        retry must wait longer than the call it lost, and the next rotation as long at once."""
-        doublings = min(max(self._lost(name, snap), snap.slow if snap is not None else 0), MAX_TIMEOUT_GROWTH)
-        return self.cfg.timeout * 2**doublings
-
-    async def _learn_slowness(self, name: str, timeout: float, took: float, known: int) -> None:
-        """After an answered call: keep the longer timeout while WeChat needs it, forget it
-        once an answer comes within ``refresh.timeout``."""
-        doublings = 0 if took <= self.cfg.timeout else round(math.log2(timeout / self.cfg.timeout))
-        if doublings != known:
-            try:
-                await self.store.set_slow(name, doublings)
-            except RedisError:
-                pass
-
-    @staticmethod
-    def _lease(timeout: float) -> float:
-        """Seconds the lock is taken for: it outlives the calls made under it (it is renewed
-        before a second call)."""
-        return 2 * timeout + 5
+        self.answers = LostAnswers(sources, store, upstream, mirror, states, cfg)
 
     async def run(self, name: str, want: Want) -> Entry:
         """Fetch ``name`` for ``want`` under the lock (or without Redis, see
@@ -177,8 +147,8 @@ class Fetcher:
         self.policy.gate(name, want, snap)
         # Dependencies first, so this source's lock is never held while waiting for them.
         values = await self._dependency_values(name)
-        expected = self._timeout(name, snap)
-        lease_seconds = self._lease(expected)
+        expected = self.answers.timeout(name, snap)
+        lease_seconds = self.answers.lease(expected)
         deadline = time.monotonic() + lease_seconds + expected
         while True:
             known = state.entry.version if state.entry is not None else 0
@@ -205,19 +175,19 @@ class Fetcher:
             if fresh := self.policy.fresh(name, want):
                 return fresh
             self.policy.gate(name, want, snap)
-            timeout = self._timeout(name, snap)
-            if self._lost(name, snap) >= 2 and snap.entry is not None:
-                await self._keep_lock(name, lease.token, self.cfg.timeout + self._lease(timeout))
-                await self._verify(name, snap.entry)
+            timeout = self.answers.timeout(name, snap)
+            if self.answers.lost(name, snap) >= 2 and snap.entry is not None:
+                await self._keep_lock(name, lease.token, self.cfg.timeout + self.answers.lease(timeout))
+                await self.answers.verify(name, snap.entry)
             if want.permit is not None:
                 await want.permit()
             # Answers lost while we waited for the lock make the call longer than the lease
             # taken for it: renew it for this call.
-            await self._keep_lock(name, lease.token, self._lease(timeout))
+            await self._keep_lock(name, lease.token, self.answers.lease(timeout))
             calling = True
             started = time.monotonic()
             entry = await self._fetch_and_store(name, want.force, values, lease, timeout)
-            await self._learn_slowness(name, timeout, time.monotonic() - started, snap.slow)
+            await self.answers.learn(name, timeout, time.monotonic() - started, snap.slow)
             return entry
         except UpstreamError as e:
             if e.kind is ErrorKind.QUOTA and want.force and self.sources[name].cfg.force:
@@ -226,55 +196,25 @@ class Fetcher:
                 state.force_spent_until = time.monotonic() + await self._until_quota_reset()
                 logger.error("source %s: forced refreshes used up for today (errcode 45009: %s); ordinary refreshes go on", name, e.errmsg)
                 raise Blocked(f"source {name}: today's forced refreshes are used up (45009)") from None
-            lost = e.maybe_issued and self._rotates(name, want)
+            lost = e.maybe_issued and self.answers.rotates(name, want)
             # Announce before releasing the lock, so no other instance slips a call in.
             await self._announce(name, e, snap, lost)
             if lost:
                 state.lost_answers += 1
-                await self._answer_lost(name)
+                await self.answers.cut(name)
             raise
         except asyncio.CancelledError:
             # Cancelled (a shutdown gave up waiting) while the call was in the air: the
             # answer is lost as surely as after a timeout.
-            if calling and self._rotates(name, want):
+            if calling and self.answers.rotates(name, want):
                 state.lost_answers += 1
-                await asyncio.shield(self._answer_lost(name))
+                await asyncio.shield(self.answers.cut(name))
             raise
         finally:
             try:
                 await asyncio.shield(self.store.release(name, lease.token))
             except RedisError:
                 pass  # the lease expires by itself
-
-    def _rotates(self, name: str, want: Want) -> bool:
-        return self.sources[name].rotates(want.force)
-
-    async def _answer_lost(self, name: str) -> None:
-        """WeChat may have issued a value we never saw, leaving the stored one 5 minutes
-        (its "previous" token): shorten its life, in Redis and memory, so it is refreshed in time."""
-        entry = self.states[name].entry
-        if entry is None:
-            return
-        try:
-            if await self.store.cap_life(name, entry.value, self.cfg.overlap):
-                await self.mirror.read_now(name)
-                logger.warning("source %s: an answer was lost; the stored value may be WeChat's previous one: its life is cut to %.0fs", name, self.cfg.overlap)
-        except RedisError:
-            if entry.remaining() > self.cfg.overlap:
-                self.states[name].entry = dataclasses.replace(entry, expires_at=time.monotonic() + self.cfg.overlap)
-
-    async def _verify(self, name: str, entry: Entry) -> None:
-        """After two lost answers in a row WeChat has probably issued two values we never saw,
-        which kills the stored one.  Ask WeChat (``getcallbackip``: no quota) and drop the
-        stored value when it is rejected: a 503 is better than a dead token."""
-        request = self.sources[name].check_request(entry.value)
-        if request is None:
-            return
-        alive = await self.upstream.check(request, self.cfg.timeout)
-        if alive is False:
-            logger.error("source %s: WeChat rejects the stored value after lost answers; dropping it until a new one arrives", name)
-            await self.store.drop(name, entry.value)
-            await self.mirror.read_now(name)
 
     async def _until_quota_reset(self) -> float:
         """Seconds until midnight China time, on Redis's clock (the host's if Redis is unreachable)."""
@@ -298,7 +238,7 @@ class Fetcher:
             values = await self._dependency_values(name)
         if want.permit is not None:
             await want.permit()
-        return await self._fetch_and_store(name, want.force, values, None, self._timeout(name, None))
+        return await self._fetch_and_store(name, want.force, values, None, self.answers.timeout(name, None))
 
     async def _announce(self, name: str, err: UpstreamError, snap: Snapshot, lost: bool) -> None:
         """Tell the other instances: back off (transient), or make no call (fatal, quota)."""
@@ -425,14 +365,14 @@ class Fetcher:
         # Refresh each dependency only if the value we used is still current: when someone
         # else already rotated it, we simply take the new one.  Its gate applies (a blocked
         # or backing-off token is not fetched for us), and its failure is its own.
-        await self._keep_lock(name, token, self._lease(timeout))
+        await self._keep_lock(name, token, self.answers.lease(timeout))
         for dep in source.deps:
             try:
                 values[dep] = (await self.policy.refresh(dep, force=True, old=values[dep], min_interval=False)).value
             except (UpstreamError, Unavailable) as err:
                 state.stale_recovery_failed = True  # not again on every tick while the token fails
                 raise DependencyUnavailable(f"{dep} could not be refreshed ({err})") from None
-        await self._keep_lock(name, token, self._lease(timeout))
+        await self._keep_lock(name, token, self.answers.lease(timeout))
         try:
             return await self._upstream_fetch(source, values, force, timeout)
         except UpstreamError as e:
