@@ -133,15 +133,20 @@ class AssetHandler(PageHandler):
 
 class LoginHandler(PageHandler):
     def cross_site(self) -> bool:
-        """Whether the browser says the form came from another site (``Sec-Fetch-Site``), or
-        from another origin (``Origin`` naming another host than this request's)."""
-        fetch_site = self.request.headers.get("Sec-Fetch-Site", "")
-        if fetch_site in ("cross-site", "same-site"):
-            return True
+        """Whether the browser says the form came from another site.
+
+        ``Sec-Fetch-Site`` decides when the browser sends it (every current one does): only
+        ``same-origin`` (or ``none``, typed by the user) passes.  ``Origin`` is no help then:
+        this page's ``Referrer-Policy: no-referrer`` makes Chromium send ``Origin: null`` for
+        its own form.  Without it (an old browser, or no browser), an ``Origin`` naming
+        another host is refused; none at all passes (the secret itself still has to match)."""
+        fetch_site = self.request.headers.get("Sec-Fetch-Site")
+        if fetch_site is not None:
+            return fetch_site not in ("same-origin", "none")
         origin = self.request.headers.get("Origin")
-        if origin is None:
-            return False  # not a browser, or a very old one: the secret itself still has to match
-        return origin == "null" or urllib.parse.urlsplit(origin).netloc.lower() != (self.request.host or "").lower()
+        if origin is None or origin == "null":
+            return False
+        return urllib.parse.urlsplit(origin).netloc.lower() != (self.request.host or "").lower()
 
     def get(self) -> None:
         """``GET /wechat/status/login`` -> the login form (text/html)."""
