@@ -19,23 +19,29 @@ from server.embedded_redis import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_demo_serves_tokens_from_embedded_redis_and_stops_cleanly(tmp_path) -> None:
+def start_demo(tmp_path) -> tuple[subprocess.Popen[str], int, str, str]:
+    """``token_server.py --demo`` on a free port, its stderr in tmp_path/demo.err: (process,
+    port, the banner it printed, the request secret the banner names)."""
     port = free_port()
+    with open(tmp_path / "demo.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "token_server.py", "--demo", "--port", str(port)],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+    banner = ""
+    deadline = time.monotonic() + 20
+    while "Stop with Ctrl-C" not in banner and time.monotonic() < deadline:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line:
+            break
+        banner += line
+    found = re.search(r"Request secret \(generated for this run\): (\S+)", banner)
+    return proc, port, banner, found.group(1) if found else ""
+
+
+def test_demo_serves_tokens_from_embedded_redis_and_stops_cleanly(tmp_path) -> None:
     err_path = tmp_path / "demo.err"
-    with open(err_path, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "token_server.py", "--demo", "--port", str(port)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
-        )
+    proc, port, banner, secret = start_demo(tmp_path)
     try:
-        banner = ""
-        deadline = time.monotonic() + 20
-        while "Stop with Ctrl-C" not in banner and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            banner += line
-        secret = re.search(r"Request secret \(generated for this run\): (\S+)", banner).group(1)
+        assert secret, banner
         redis_port = int(re.search(r"redis-cli -p (\d+) GET access_token", banner).group(1))
         assert f"curl -H 'X-Token-Secret: {secret}' 'http://127.0.0.1:{port}/wechat/token?type=access_token'" in banner
 
@@ -115,19 +121,9 @@ def test_an_unknown_log_level_is_refused() -> None:
 
 def test_the_demos_forcerefresh_line_with_old_returns_a_new_token(tmp_path) -> None:
     """The banner's forcerefresh recipe, as printed: the current token in old=, a new one back."""
-    port = free_port()
-    with open(tmp_path / "demo.err", "w") as err:
-        proc = subprocess.Popen([sys.executable, "token_server.py", "--demo", "--port", str(port)],
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+    proc, port, banner, secret = start_demo(tmp_path)
     try:
-        banner = ""
-        deadline = time.monotonic() + 20
-        while "Stop with Ctrl-C" not in banner and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            banner += line
-        secret = re.search(r"Request secret \(generated for this run\): (\S+)", banner).group(1)
+        assert secret, banner
         base = f"http://127.0.0.1:{port}"
         get_line = (f"TOKEN=$(curl -s -H 'X-Token-Secret: {secret}' '{base}/wechat/token?type=access_token' | "
                     """python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')""")
