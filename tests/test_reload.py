@@ -157,6 +157,13 @@ async def test_a_bad_file_is_refused_in_one_line_and_the_running_config_stays(fi
     # still serving, with the old config
     assert (await call(srv.port, "/wechat/token", type="access_token"))[0] == 200
 
+    # a second account without default: true would rename the first one's keys: refused
+    file_server.write(accounts={"main": {**main_account(sandbox_url), "default": False}, "shop": shop_account(sandbox_url)})
+    status, body = await call(srv.port, "/admin/reload", method="POST", body=b"")
+    assert status == 400
+    assert body["errmsg"].startswith("accounts.main: its source access_token would be renamed main.access_token"), body
+    assert "default: true" in body["errmsg"]
+
     # the same account under the same source name but another appid: refused, not mixed up
     other = {**main_account(sandbox_url), "appid": "wx_someone_else_0001"}
     file_server.write(accounts={"main": other})

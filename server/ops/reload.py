@@ -51,8 +51,8 @@ _RESTART_ONLY = ("redis", "refresh", "logging", "face")
 
 
 def _identity(src: SourceConfig) -> tuple[Any, ...]:
-    def strip(d: dict[str, Any] | None) -> list[tuple[str, str]]:
-        return sorted((k, repr(v)) for k, v in (d or {}).items() if k not in _SECRET_ARGS)
+    def strip(d: dict[str, Any] | None) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted((k, repr(v)) for k, v in (d or {}).items() if k not in _SECRET_ARGS))
 
     return (src.url, src.method, src.field, strip(src.args), strip(src.json))
 
@@ -65,6 +65,15 @@ def check_reloadable(old: Config, new: Config) -> list[str]:
             raise ConfigError(
                 f"sources.{name}: its request now names another account or endpoint; the value stored under this name "
                 "belongs to the old one: give the new one another name (or restart after deleting the old keys)"
+            )
+    added = {_identity(new.sources[n]): n for n in new.sources.keys() - old.sources.keys()}
+    for name in old.sources.keys() - new.sources.keys():
+        renamed = added.get(_identity(old.sources[name]))
+        if renamed is not None:
+            owner = renamed.split(".", 1)[0]
+            raise ConfigError(
+                f"accounts.{owner}: its source {name} would be renamed {renamed} (a second account makes none the default), "
+                f"and readers of the key {name} would lose it: mark it default: true to keep the plain names"
             )
     later = [section for section in _RESTART_ONLY if getattr(old, section) != getattr(new, section)]
     for key in ("host", "port", "header_timeout", "shutdown_timeout"):
