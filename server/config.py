@@ -110,6 +110,7 @@ class RefreshConfig:
     timeout: float = opt(10.0, "seconds for one upstream request")
     force_min_interval: float = opt(30.0, "seconds after a fetch during which a forced refresh returns that value")
     backoff_max: float = opt(300.0, "seconds: cap of the exponential backoff after failed fetches")
+    read_max_age: float = opt(1.0, "seconds a value served from memory may go without Redis confirming it: rotations by other instances arrive at once through the events channel, this bounds a lost message; 0: every read asks Redis")
     overlap: float = opt(300.0, "seconds WeChat keeps the previous token valid after issuing a new one: a stored token whose successor may have been issued (a lost answer) lives no longer than this; WeChat's is 300, change it only for a simulator")
 
 
@@ -351,6 +352,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"refresh.{key}: must be a positive number of seconds")
     if r.force_min_interval < 0:
         raise ConfigError("refresh.force_min_interval: must be 0 or more seconds")
+    if not 0 <= r.read_max_age <= 10:
+        raise ConfigError("refresh.read_max_age: must be between 0 and 10 seconds (1 by default)")
     if cfg.redis.socket_timeout <= 0:
         raise ConfigError("redis.socket_timeout: must be a positive number of seconds")
     if r.ahead <= r.interval:

@@ -97,6 +97,10 @@ class Service:
             calls = DailyCalls(store.redis, cfg.redis.prefix, {name: src.daily_quota for name, src in cfg.sources.items()})
             refresher = Refresher(sources, store, upstream, cfg.refresh, calls=calls)
             subscriber = Subscriber(store.redis, store.channel)
+            # Memory serves reads while the subscription tells of every rotation (server.mirror).
+            mirror = refresher.mirror
+            subscriber.listen(lambda event: mirror.on_event(event.source), mirror.on_subscribed)
+            mirror.events_live = subscriber.subscribed.is_set
             started = time.monotonic()
             await refresher.start()
             logger.info("first refresh pass done in %.2fs: %s", time.monotonic() - started, summary(refresher))
