@@ -327,3 +327,17 @@ def test_good_hooks_pass_and_their_secrets_are_masked() -> None:
     assert HOOK_SECRET not in repr(cfg)
     cfg = parse_config(with_hooks(GOOD, where="account"), env={}, source="test")
     assert HOOK_SECRET in config_secrets(cfg) and HOOK_SECRET not in repr(cfg)
+
+
+def test_the_examples_commented_hook_passes_check() -> None:
+    lines = open(os.path.join(ROOT, "config.example.yaml"), encoding="utf-8").read().splitlines()
+    start = lines.index("#     notify:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#"):
+            break
+        block.append(line[2:])
+    main = "    appid: wx0a1b2c3d4e5f6a7b\n    secret: ${MAIN_APPSECRET}\n"
+    text = "server: {secret: a-long-random-request-secret-42}\naccounts:\n  main:\n" + main + "\n".join(block) + "\n"
+    cfg = parse_config(text, env={"MAIN_APPSECRET": "s" * 32, "HOOK_SECRET": HOOK_SECRET}, source="example")
+    assert [h.url for h in cfg.accounts["main"].notify] == ["https://hooks.example.com/wechat-token"]

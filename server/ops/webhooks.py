@@ -20,7 +20,8 @@ sources) or under a source declared by hand (server.config.NotifyConfig).  For e
    retried after 1, 2, 4 ... seconds (at most ``max_delay``) while the next try starts within
    ``retry_for`` seconds of the first: with the defaults, 10 tries over about 5 minutes.
 
-**Once across instances is at most once.**  A claimed delivery is sent by its claimer alone: if
+**Once across instances is at most once.**  A claimed delivery is sent by its claimer alone
+(which repeats a try whose answer it did not get: receivers may see an id twice).  If
 that instance dies, or stops before the receiver accepted (see :meth:`Webhooks.stop`), nobody
 sends it.  The claim is not released at shutdown: the other instances heard the event when it
 was published, lost the claim and forgot it, so a released claim would find no taker (handing
@@ -209,7 +210,8 @@ class Webhooks:
     async def stop(self, wait: float = SHUTDOWN_WAIT) -> None:
         """Stop delivering: no new delivery starts; one waiting for its next try makes it at
         once; what is unfinished after ``wait`` seconds is dropped (logged, counted as
-        ``shutdown``).  Claims are kept (see the module docstring).  Safe to call twice."""
+        ``shutdown``).  Claims are kept (see the module docstring); an event heard after this
+        is not claimed here, so another instance still running sends it.  Safe to call twice."""
         self._stopping.set()
         tasks = set(self._tasks)
         if tasks:
