@@ -105,9 +105,10 @@ def hook_secrets_watched(secret_watch: Any) -> None:
     secret_watch.secrets.update({HOOK_SECRET, OTHER_SECRET})
 
 
-def hooked_sources(sandbox_url: str, hook_url: str, **hook: Any) -> dict[str, Any]:
+def hooked_sources(sandbox_url: str, hook_url: str, secret: str = "${HOOK_SECRET}", **hook: Any) -> dict[str, Any]:
+    """The usual two sources (declared by hand), access_token with one hook."""
     sources = sandbox_sources(sandbox_url)
-    sources["access_token"]["notify"] = [{"url": hook_url, "secret": "${HOOK_SECRET}", **hook}]
+    sources["access_token"]["notify"] = [{"url": hook_url, "secret": secret, **hook}]
     return sources
 
 
@@ -230,13 +231,12 @@ async def test_an_accounts_hooks_get_every_event_of_its_sources_and_the_value_on
 
 @pytest.mark.gen_test(timeout=30)
 async def test_hooks_follow_a_reload(make_config, start_server, call, sandbox, sandbox_url, redis_sync, receiver):
-    cfg = make_config(sources={}, accounts={"main": account(sandbox_url)}, refresh={"force_min_interval": 0})
+    cfg = make_config(refresh={"force_min_interval": 0})
     running = await start_server(cfg)
     await asyncio.sleep(0.3)
     assert receiver.deliveries == []  # no hooks yet
 
-    hooked = make_config(sources={}, accounts={"main": account(sandbox_url, notify=[{"url": receiver.url + "/a", "secret": HOOK_SECRET}])},
-                         refresh={"force_min_interval": 0})
+    hooked = make_config(sources=hooked_sources(sandbox_url, receiver.url + "/a", HOOK_SECRET), refresh={"force_min_interval": 0})
     changes = await apply(running.service, hooked)
     assert changes["changed"] == [] and changes["added"] == []  # hooks are no part of a source's request
     status, _ = await call(running.port, "/wechat/token/forcerefresh", headers=AUTH, type="access_token", old=redis_sync.get("access_token"))

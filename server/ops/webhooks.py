@@ -74,6 +74,8 @@ RETRY_FOR = 300.0
 CLAIM_TTL = int(RETRY_FOR) + 3600
 #: POSTs under way at once per process (the others wait their turn)
 MAX_CONCURRENT = 10
+#: claims and value reads at once per process: the store's connections stay the refresher's
+MAX_REDIS = 4
 #: deliveries a process keeps (claimed, sending or waiting to retry); past it, events are not
 #: claimed here, so another instance may take them
 MAX_PENDING = 1000
@@ -170,6 +172,7 @@ class Webhooks:
         self.max_pending = max_pending
         self.hooks: dict[str, tuple[Hook, ...]] = {}
         self._sending = asyncio.Semaphore(max_concurrent)
+        self._redis_slots = asyncio.Semaphore(MAX_REDIS)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         # A client of our own: the refresher's (server.upstream) never waits behind a slow receiver.
@@ -229,9 +232,10 @@ class Webhooks:
         try:
             key = f"{self.prefix}wechat-token:webhook:{event.id}:{hook.id}"
             try:
-                if not await self.redis.set(key, self.instance, nx=True, ex=self.claim_ttl):
-                    return  # another instance sends it
-                body = await self._body(event, hook)
+                async with self._redis_slots:
+                    if not await self.redis.set(key, self.instance, nx=True, ex=self.claim_ttl):
+                        return  # another instance sends it
+                    body = await self._body(event, hook)
             except RedisError as e:
                 self.metrics.webhook_failed.labels(event.source, "redis").inc()
                 logger.warning("webhook %s: %s not sent by this instance: Redis failed (%s)", hook.shown, what, type(e).__name__)
@@ -241,6 +245,9 @@ class Webhooks:
             self.metrics.webhook_failed.labels(event.source, "shutdown").inc()
             logger.warning("webhook %s: %s dropped at shutdown, unfinished (claimed: no other instance sends it)", hook.shown, what)
             raise
+        except Exception:  # a bug: logged here, where the task ends, not at garbage collection
+            self.metrics.webhook_failed.labels(event.source, "error").inc()
+            logger.exception("webhook %s: %s failed", hook.shown, what)
 
     async def _body(self, event: Event, hook: Hook) -> bytes:
         data: dict[str, Any] = event.as_dict()
