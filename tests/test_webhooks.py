@@ -271,6 +271,42 @@ async def test_a_delivery_unfinished_at_shutdown_is_dropped_and_stays_claimed(ma
     assert len(redis_sync.keys("wechat-token:webhook:*")) == 1  # the claim stays: no other instance sends it
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_a_superseded_value_is_sent_as_null_and_a_full_process_claims_nothing(make_config, sandbox_url, redis_url, redis_sync, receiver):
+    import redis.asyncio as aioredis
+
+    from server.metrics import Metrics
+    from server.ops.events import Event
+    from server.ops.webhooks import Webhooks
+
+    hook = {"url": receiver.url + "/v", "secret": HOOK_SECRET, "include_value": True}
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    hooks = Webhooks(client, "", "test:1", Metrics(), max_pending=1)
+    hooks.configure(make_config(sources=hooked_sources(sandbox_url, hook.pop("url"), **hook)))
+    redis_sync.set("access_token", "the-stored-value-v5")
+    redis_sync.hset("access_token:meta", "version", "5")
+    try:
+        await hooks.on_event(Event("rotated", "access_token", None, "old4", 4, 1.0))
+        await wait_until(lambda: receiver.accepted(), 5, "the older event")
+        await hooks.on_event(Event("rotated", "access_token", None, "new5", 5, 2.0))
+        await wait_until(lambda: len(receiver.accepted()) == 2, 5, "the newer event")
+        assert [(d.event()["id"], d.event()["value"]) for d in receiver.accepted()] == [("old4", None), ("new5", "the-stored-value-v5")]
+        await hooks.on_event(Event("rotated", "ticket", None, "t1", 6, 2.0))  # a source without hooks
+        # one delivery under way fills this process: the next event is left to the other instances
+        receiver.hold = asyncio.Event()
+        await hooks.on_event(Event("blocked", "access_token", None, "b6", 5, None))
+        await hooks.on_event(Event("unblocked", "access_token", None, "u7", 5, None))
+        await wait_until(lambda: len(receiver.deliveries) == 3, 5, "the held delivery")
+        assert redis_sync.exists("wechat-token:webhook:b6:" + hooks.hooks["access_token"][0].id)
+        assert redis_sync.keys("wechat-token:webhook:u7:*") == []  # not claimed
+        assert 'wechat_token_webhook_failed_total{reason="overflow",source="access_token"} 1.0' in hooks.metrics.render().decode()
+        receiver.hold.set()
+    finally:
+        await hooks.stop(1.0)
+        await client.aclose()
+    assert len(receiver.deliveries) == 3
+
+
 # --- config ---------------------------------------------------------------------------------
 
 BASE = {

@@ -12,7 +12,7 @@ sources) or under a source declared by hand (server.config.NotifyConfig).  For e
 2. **Body.**  The event's JSON (``Event.as_dict``, compact UTF-8).  For a hook with
    ``include_value: true`` and a ``rotated`` event, plus ``"value"``: the plain key, read once
    right after the claim; null when Redis already holds a newer version (whose own event
-   follows) or no value.
+   follows), no value, or cannot be read.
 3. **POST** with ``Content-Type: application/json``, ``X-Signature: sha256=<hex HMAC-SHA256 of
    the exact body, keyed with the hook's secret>``, ``X-Webhook-Id`` (the event's id) and
    ``X-Webhook-Attempt`` (1, 2, ...).  A 2xx answer is a delivery.  Anything else (another
@@ -186,11 +186,6 @@ class Webhooks:
         keep the hook they started with; the next event uses the new ones."""
         self.hooks = hooks_by_source(cfg)
 
-    @property
-    def pending(self) -> int:
-        """Deliveries this process holds now (claimed, sending or waiting to retry)."""
-        return len(self._tasks)
-
     async def on_event(self, event: Event) -> None:
         """The Subscriber's listener: spawn one delivery per hook of the event's source.
         Returns at once (no I/O here: listeners run one after the other)."""
@@ -233,14 +228,14 @@ class Webhooks:
             key = f"{self.prefix}wechat-token:webhook:{event.id}:{hook.id}"
             try:
                 async with self._redis_slots:
-                    if not await self.redis.set(key, self.instance, nx=True, ex=self.claim_ttl):
-                        return  # another instance sends it
-                    body = await self._body(event, hook)
+                    claimed = await self.redis.set(key, self.instance, nx=True, ex=self.claim_ttl)
             except RedisError as e:
                 self.metrics.webhook_failed.labels(event.source, "redis").inc()
-                logger.warning("webhook %s: %s not sent by this instance: Redis failed (%s)", hook.shown, what, type(e).__name__)
+                logger.warning("webhook %s: %s not sent by this instance: cannot claim it (%s)", hook.shown, what, type(e).__name__)
                 return
-            await self._send(event, hook, body, what)
+            if not claimed:
+                return  # another instance sends it
+            await self._send(event, hook, await self._body(event, hook, what), what)
         except asyncio.CancelledError:
             self.metrics.webhook_failed.labels(event.source, "shutdown").inc()
             logger.warning("webhook %s: %s dropped at shutdown, unfinished (claimed: no other instance sends it)", hook.shown, what)
@@ -249,10 +244,15 @@ class Webhooks:
             self.metrics.webhook_failed.labels(event.source, "error").inc()
             logger.exception("webhook %s: %s failed", hook.shown, what)
 
-    async def _body(self, event: Event, hook: Hook) -> bytes:
+    async def _body(self, event: Event, hook: Hook, what: str) -> bytes:
         data: dict[str, Any] = event.as_dict()
         if hook.include_value and event.event == "rotated":
-            data["value"] = await self._value(event)
+            try:
+                async with self._redis_slots:
+                    data["value"] = await self._value(event)
+            except RedisError as e:  # claimed: sent all the same, the receiver re-reads
+                data["value"] = None
+                logger.warning("webhook %s: %s sent with value null: cannot read it (%s)", hook.shown, what, type(e).__name__)
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
     async def _value(self, event: Event) -> str | None:
