@@ -178,7 +178,7 @@ async def test_a_receiver_failing_twice_gets_the_event_once_from_one_instance(to
     receiver.deliveries[-1].event()
     # backoff: 1 s, then 2 s
     gaps = [b.at - a.at for a, b in itertools.pairwise(receiver.deliveries)]
-    assert 0.8 < gaps[0] < 2.0 and 1.8 < gaps[1] < 3.5, gaps
+    assert 0.9 < gaps[0] < 3.0 and 1.9 < gaps[1] < 5.0, gaps  # loose upper bounds: 2 shared cores
     # one instance did it all, and says so in /metrics and its log
     pages = [(await p.get("/metrics"))[1] for p in procs]
     assert sum(metric(t, "wechat_token_webhook_delivered_total") for t in pages) == 1
