@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -246,6 +245,25 @@ async def test_refresh_after_rejection_of_a_stale_value_returns_the_current_one_
     assert sandbox.issued[ROTATIONS] == rotations  # and the server's old= rule made no call
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_reads_and_refreshes_of_one_key_at_once_make_one_request(make_config, sandbox_url, start_server, sandbox, secret_watch):
+    srv = await start_server(face_config(make_config, sandbox_url))
+    stale = await in_thread(client_for(srv).get, "access_token", "shop")
+    current = await in_thread(client_for(srv).refresh_after_rejection, stale, account="shop")
+    client, since = client_for(srv), len(secret_watch.records)
+    asks = iter([lambda: client.get("access_token", "shop"), lambda: client.refresh_after_rejection(stale, account="shop")] * 8)
+    lock = threading.Lock()
+
+    def ask() -> str:
+        with lock:
+            one = next(asks)
+        return one()
+
+    assert await in_thread(crowd, 16, ask) == [current] * 16
+    # Whichever went first, the other found its answer in the cache.
+    assert server_requests(secret_watch, TOKEN_PATH, since) + server_requests(secret_watch, FORCE_PATH, since) == 1
+
+
 # --- Redis mode ---------------------------------------------------------------------------------
 
 
@@ -272,6 +290,8 @@ async def test_redis_mode_reads_the_plain_key_with_its_ttl(make_config, sandbox_
     assert "wx:nobody.access_token" in str(raised.value)
     # Reads from Redis, forced refresh over HTTP (only the server may rotate).
     both = TokenClient(f"http://127.0.0.1:{srv.port}", secret=TEST_SECRET, redis=redis_url, prefix="wx:")
+    assert await in_thread(both.get, "ticket", "shop") == "hand-written-again"
+    assert server_requests(secret_watch, TOKEN_PATH, since) == 0
     rotations = sandbox.issued[ROTATIONS]
     new = await in_thread(both.refresh_after_rejection, token.value, account="shop")
     assert new == sandbox.current_token(SHOP_ID) != token.value and sandbox.issued[ROTATIONS] == rotations + 1
