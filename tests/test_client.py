@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -165,6 +166,25 @@ async def test_an_unreachable_server_leaves_cached_values_in_use_until_they_near
     assert raised.value.status is None and "unreachable" in str(raised.value)
     with pytest.raises(TokenServerError):
         await in_thread(client_for(srv).get, "access_token", "shop")
+
+
+def test_after_a_failure_the_cached_value_is_used_for_a_pause_not_asked_for_on_every_call(redis_url, redis_sync):
+    # Redis mode without a server (which would put a deleted key back): the key written by hand.
+    def reads() -> int:
+        return int(redis_sync.info("commandstats").get("cmdstat_pttl", {}).get("calls", 0))
+
+    redis_sync.set("access_token", "hand-written-value", px=60_000)
+    client = TokenClient(redis=redis_url, max_age=0.3)
+    assert client.get() == "hand-written-value"
+    time.sleep(0.4)
+    redis_sync.delete("access_token")
+    redis_sync.config_resetstat()
+    for _ in range(5):
+        assert client.get() == "hand-written-value"
+    assert reads() == 1  # one failed read, then the pause (max_age here: shorter than 5 s)
+    time.sleep(0.4)
+    redis_sync.set("access_token", "hand-written-again", px=60_000)
+    assert client.get() == "hand-written-again" and reads() == 2
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -422,6 +442,13 @@ def test_a_session_serves_one_appid():
         session.get(f"{SHOP_ID}_access_token")  # nothing listens: an error, never None (wechatpy would fetch)
     with pytest.raises(ValueError, match="one session per WeChatClient"):
         session.get(f"{MAIN_ID}_access_token")
+    # The subclass takes no token but the server's, and no session but this one.
+    from wechat_token_client.wechatpy import WeChatClient
+
+    with pytest.raises(ValueError):
+        WeChatClient(SHOP_ID, None, access_token="a-token-from-elsewhere", session=session)
+    with pytest.raises(TypeError):
+        WeChatClient(SHOP_ID, None)
 
 
 # --- the distribution ---------------------------------------------------------------------------------

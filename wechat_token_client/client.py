@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 Key = Tuple[str, Optional[str], Optional[str]]
 #: Longest answer read from the server (a value is at most a few KiB).
 MAX_ANSWER_BYTES = 64 * 1024
+#: Seconds a cached value is used as it is after the server failed to answer for it (at most
+#: ``max_age``), so that a hung server costs one ``timeout`` per pause, not one per call.
+FAILURE_PAUSE = 5.0
 USER_AGENT = "wechat-token-client"
 
 
@@ -106,13 +109,15 @@ class TokenClient:
     ``max_age`` (seconds, default 60): a value is asked for again at most this long after it
     was fetched, so a value the server replaced reaches this process within ``max_age``.
     ``early`` (seconds, default 30): a value is asked for again once it has less life left
-    than this, and is never handed out with less (it must live long enough to be used).
+    than this (it must live long enough to be used); a cached value with less is never handed
+    out, a fresh answer is handed out as the server gave it.
     ``timeout`` (seconds, default 5): for one HTTP request or Redis command.
 
     Thread safe.  However many threads ask for one key at once, one request is made and they
     all get its answer (or its error); requests for one key never overlap.  When the server
     cannot be reached or fails, a cached value with more than ``early`` seconds left is
-    returned (and a warning logged) rather than an error.
+    returned (and a warning logged) rather than an error, and the server is asked again only
+    ``FAILURE_PAUSE`` seconds later (5, or ``max_age`` if shorter).
     """
 
     def __init__(
@@ -144,8 +149,9 @@ class TokenClient:
         self._redis_shown = _redact_url(redis) if isinstance(redis, str) else type(redis).__name__ if redis is not None else None
         self._redis = self._connect_redis(redis) if isinstance(redis, str) else redis
         self._opener = urllib.request.build_opener(_NoRedirect())
-        self._lock = threading.Lock()  # guards the three dicts below
+        self._lock = threading.Lock()  # guards the four dicts below
         self._cache: Dict[Key, Token] = {}
+        self._paused_until: Dict[Key, float] = {}  # monotonic: no new request before then (a failure)
         self._flights: Dict[Any, _Flight] = {}
         self._request_locks: Dict[Key, threading.Lock] = {}
 
@@ -182,7 +188,10 @@ class TokenClient:
             cached = self._usable(key)
             if cached is None:
                 raise
-            logger.warning("%s; using the cached value, %.0f s left", e, cached.remaining())
+            pause = min(FAILURE_PAUSE, self.max_age)
+            with self._lock:
+                self._paused_until[key] = time.monotonic() + pause
+            logger.warning("%s; using the cached value (%.0f s left), asking again in %.0f s", e, cached.remaining(), pause)
             return cached
 
     def refresh_after_rejection(self, value: str, type: str = "access_token", account: str | None = None, *, appid: str | None = None) -> str:
@@ -230,7 +239,8 @@ class TokenClient:
         now = time.monotonic()
         with self._lock:
             token = self._cache.get(key)
-        if token is not None and now - token.fetched_at < self.max_age and token.remaining(now) > self.early:
+            paused = now < self._paused_until.get(key, 0.0)
+        if token is not None and (now - token.fetched_at < self.max_age or paused) and token.remaining(now) > self.early:
             return token
         return None
 
@@ -242,6 +252,7 @@ class TokenClient:
     def _store(self, key: Key, token: Token) -> None:
         with self._lock:
             self._cache[key] = token
+            self._paused_until.pop(key, None)
 
     def _fly(self, flight_key: Any, key: Key, work: Callable[[], Token]) -> Token:
         """``work()`` once for every thread asking ``flight_key`` meanwhile, holding the key's

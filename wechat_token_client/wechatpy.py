@@ -131,8 +131,9 @@ class TokenServerSession(SessionStorage):
 class WeChatClient(wechatpy.WeChatClient):
     """wechatpy's ``WeChatClient`` whose access_token always comes from the token server.
 
-    Same arguments as wechatpy's; ``session`` must be a :class:`TokenServerSession`, and
-    ``secret`` is never used (pass None: nothing here asks WeChat for a token).  On 40001,
+    Same arguments as wechatpy's; ``session`` must be a :class:`TokenServerSession`,
+    ``secret`` is never used (pass None: nothing here asks WeChat for a token) and
+    ``access_token`` is refused (the server's token is the only one).  On 40001,
     40014 or 42001: one ``forcerefresh`` with ``old=`` the rejected token and one retry per API
     call; a retry rejected again raises ``WeChatClientException`` (see the module docstring).
     """
@@ -141,6 +142,8 @@ class WeChatClient(wechatpy.WeChatClient):
                  session: Optional[TokenServerSession] = None, timeout: Optional[float] = None, auto_retry: bool = True) -> None:
         if not isinstance(session, TokenServerSession):
             raise TypeError("session= must be a TokenServerSession (the token comes from the token server)")
+        if access_token is not None:
+            raise ValueError("access_token= is not used: the token comes from the token server")
         super().__init__(appid, secret, access_token=access_token, session=session, timeout=timeout, auto_retry=auto_retry)
         self._call = threading.local()  # per thread: the API call in progress and its rejection
 
