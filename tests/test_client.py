@@ -120,19 +120,19 @@ async def test_threads_asking_at_once_make_one_request(make_config, sandbox_url,
 @pytest.mark.gen_test(timeout=30)
 async def test_max_age_bounds_the_cache(make_config, sandbox_url, start_server, sandbox, secret_watch):
     srv = await start_server(face_config(make_config, sandbox_url))
-    client = client_for(srv, max_age=0.5)
+    client = client_for(srv, max_age=1.0)
     since = len(secret_watch.records)
     first = await in_thread(client.get, "access_token", "shop")
     assert await in_thread(client.get, "access_token", "shop") == first
     assert server_requests(secret_watch, TOKEN_PATH, since) == 1
-    await asyncio.sleep(0.7)
+    await asyncio.sleep(1.1)
     # Older than max_age: asked again (the server still has the same value).
     assert await in_thread(client.get, "access_token", "shop") == first
     assert server_requests(secret_watch, TOKEN_PATH, since) == 2
     # A value the server replaced reaches the client within max_age.
     rotated = await in_thread(client_for(srv).refresh_after_rejection, first, account="shop")
     assert rotated != first and await in_thread(client.get, "access_token", "shop") == first
-    await asyncio.sleep(0.7)
+    await asyncio.sleep(1.1)
     assert await in_thread(client.get, "access_token", "shop") == rotated
 
 
@@ -142,11 +142,11 @@ async def test_a_value_is_asked_for_again_shortly_before_it_expires(make_config,
     client = client_for(srv, max_age=60)
     since = len(secret_watch.records)
     token = await in_thread(client.get_token, "access_token", "shop")
-    # Pretend the value is about to expire: "early" leaves it 0.5 s in the cache.
-    client.early = token.remaining() - 0.5
+    # Pretend the value is about to expire: "early" leaves it 1 s in the cache.
+    client.early = token.remaining() - 1.0
     await in_thread(client.get, "access_token", "shop")
     assert server_requests(secret_watch, TOKEN_PATH, since) == 1
-    await asyncio.sleep(0.8)
+    await asyncio.sleep(1.1)
     await in_thread(client.get, "access_token", "shop")
     assert server_requests(secret_watch, TOKEN_PATH, since) == 2
 
@@ -174,15 +174,15 @@ def test_after_a_failure_the_cached_value_is_used_for_a_pause_not_asked_for_on_e
         return int(redis_sync.info("commandstats").get("cmdstat_pttl", {}).get("calls", 0))
 
     redis_sync.set("access_token", "hand-written-value", px=60_000)
-    client = TokenClient(redis=redis_url, max_age=0.3)
+    client = TokenClient(redis=redis_url, max_age=1.0)
     assert client.get() == "hand-written-value"
-    time.sleep(0.4)
+    time.sleep(1.1)
     redis_sync.delete("access_token")
     redis_sync.config_resetstat()
     for _ in range(5):
         assert client.get() == "hand-written-value"
     assert reads() == 1  # one failed read, then the pause (max_age here: shorter than 5 s)
-    time.sleep(0.4)
+    time.sleep(1.1)
     redis_sync.set("access_token", "hand-written-again", px=60_000)
     assert client.get() == "hand-written-again" and reads() == 2
 
@@ -291,7 +291,7 @@ async def test_reads_and_refreshes_of_one_key_at_once_make_one_request(make_conf
 async def test_redis_mode_reads_the_plain_key_with_its_ttl(make_config, sandbox_url, start_server, sandbox, secret_watch, redis_url, redis_sync):
     srv = await start_server(face_config(make_config, sandbox_url, redis={"prefix": "wx:"}))
     since = len(secret_watch.records)
-    client = TokenClient(redis=redis_url, prefix="wx:", max_age=0.3)
+    client = TokenClient(redis=redis_url, prefix="wx:", max_age=1.0)
     assert client.mode == "redis"
     token = await in_thread(client.get_token, "access_token", "shop")
     assert token.value == redis_sync.get("wx:shop.access_token") == sandbox.current_token(SHOP_ID)
@@ -302,7 +302,7 @@ async def test_redis_mode_reads_the_plain_key_with_its_ttl(make_config, sandbox_
     assert await in_thread(client.get, "ticket", "shop") == "hand-written-value"
     redis_sync.set("wx:shop.ticket", "hand-written-again", px=60_000)
     assert await in_thread(client.get, "ticket", "shop") == "hand-written-value"
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(1.1)
     assert await in_thread(client.get, "ticket", "shop") == "hand-written-again"
     assert server_requests(secret_watch, TOKEN_PATH, since) == 0  # Redis mode never asks over HTTP
     with pytest.raises(TokenServerError) as raised:
