@@ -164,7 +164,7 @@ class WeChatClient(wechatpy.WeChatClient):
         if errcode in REJECTED:
             call = self._call
             if getattr(call, "refreshed", False):
-                # The token the server gave after one rotation was rejected too: stop here.
+                # The retry after our one refresh was rejected too: stop here (wechatpy would loop).
                 raise WeChatClientException(errcode, result.get("errmsg", errcode), client=self,
                                             request=getattr(res, "request", None), response=None if isinstance(res, dict) else res)
             params = kwargs.get("params")
@@ -177,8 +177,11 @@ class WeChatClient(wechatpy.WeChatClient):
         call = self._call
         rejected = getattr(call, "rejected", None)
         session: TokenServerSession = self.session
-        if rejected:
+        if getattr(call, "active", False):
+            # wechatpy retries after this: once per API call, whether or not we could rotate
+            # (a call whose token we could not see is retried with the current one).
             call.rejected, call.refreshed = None, True
+        if rejected:
             session.refresh_after_rejection(rejected)
         token = session.token()
         return {"access_token": token.value, "expires_in": int(token.remaining())}
