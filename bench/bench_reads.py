@@ -8,6 +8,7 @@ alternating rounds (so a load spike hits every side), with ``wrk -t1`` (Debian's
   encoded per request: the floor this framework allows (bench/bare_handler.py);
 - **token**: ``GET /wechat/token?type=access_token`` with the secret in the header, one process;
 - **token x2**: the same with ``--workers 2``;
+- **uvloop**: the one-process server on uvloop (when installed), to see whether it helps;
 - **face**: the face's ``GET /cgi-bin/token?grant_type=client_credential&appid=...&secret=...``;
 - **proxy**: ``GET /cgi-bin/getcallbackip?access_token=T`` through the API proxy to the sandbox;
 - **redis GET**: ``redis-benchmark GET access_token`` on the plain key (direct readers).
@@ -66,8 +67,13 @@ async def main_async(args: argparse.Namespace, workdir: str) -> int:
         two.extra_args = ["--workers", "2"]
         two.start()
         servers += [one, two]
-        await one.wait_ready()
-        await two.wait_ready()
+        uv = None
+        if args.uvloop:  # the same server on uvloop, to measure whether it helps
+            uv = TokenServerProc(cfg, workdir, "uvloop")
+            uv.extra_env = {"PYTHONPATH": os.path.join(HERE, "uvloop_site")}
+            servers.append(uv.start())
+        for server in servers:
+            await server.wait_ready()
         token = await one.token()
         status, body = await one.get("/wechat/token", type="access_token")
         bare_port = free_port()
@@ -80,6 +86,7 @@ async def main_async(args: argparse.Namespace, workdir: str) -> int:
             "bare": (f"http://127.0.0.1:{bare_port}/", {}),
             "token": (f"{one.base}/wechat/token?type=access_token", secret),
             "token x2": (f"{two.base}/wechat/token?type=access_token", secret),
+            **({"uvloop": (f"{uv.base}/wechat/token?type=access_token", secret)} if uv is not None else {}),
             "face": (f"{one.base}/cgi-bin/token?grant_type=client_credential&appid={DEFAULT_APPID}&secret={DEFAULT_APPSECRET}", {}),
             "proxy": (f"{one.base}/cgi-bin/getcallbackip?access_token={token}", {}),
         }
@@ -94,6 +101,8 @@ async def main_async(args: argparse.Namespace, workdir: str) -> int:
         rss = {"token": [peak_rss_mb(one.pid)], "token x2": [peak_rss_mb(p) for p in child_pids(two.pid) if is_server(p)],
                "bare": [peak_rss_mb(bare.pid)]}
         rss["face"] = rss["proxy"] = rss["token"]
+        if uv is not None:
+            rss["uvloop"] = [peak_rss_mb(uv.pid)]
         report(runs, rss, args)
     finally:
         for server in servers:
@@ -136,7 +145,14 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per wrk run (default 5)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     p.add_argument("--connections", type=int, default=50, help="connections (default 50)")
+    p.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="skip the uvloop row (needs pip install uvloop)")
     args = p.parse_args()
+    if args.uvloop:
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            print("uvloop not installed: no uvloop row (pip install uvloop)", file=sys.stderr)
+            args.uvloop = False
     for tool in ("wrk", "redis-benchmark"):
         if shutil.which(tool) is None:
             print(f"needs {tool} (Debian: apt-get install wrk redis-tools)", file=sys.stderr)
