@@ -323,10 +323,11 @@ class NotFoundHandler(BaseHandler):
 
 
 @functools.lru_cache(maxsize=256)
-def encoded_answer(field: str, value: str, expires_in: int) -> bytes:
-    """``{"access_token": VALUE, "expires_in": N}`` as sent: encoded once per value and second,
-    not once per request."""
-    return json_encode({field: value, "expires_in": expires_in}).encode()
+def encoded_answer(field: str, value: str, expires_in: int, errcode: bool = False) -> bytes:
+    """``{"access_token": VALUE, "expires_in": N}`` as sent (WeChat's ``"errcode": 0, "errmsg":
+    "ok"`` first with ``errcode``): encoded once per value and second, not once per request."""
+    head: dict[str, Any] = {"errcode": 0, "errmsg": "ok"} if errcode else {}
+    return json_encode({**head, field: value, "expires_in": expires_in}).encode()
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
