@@ -25,20 +25,17 @@ one that takes 20 ms to answer, as WeChat's API does seen from a server in China
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, HERE, os.path.join(REPO, "tests")]
 
 from helpers_procs import SandboxProc, TokenServerProc, get_json, proc_config  # noqa: E402
-from wrklib import Run, wrk  # noqa: E402
+from wrklib import Run, run_bench, wrk  # noqa: E402
 
 from server.embedded_redis import EmbeddedRedis  # noqa: E402
 from server.sandbox import DEFAULT_APPID, DEFAULT_APPSECRET  # noqa: E402
@@ -101,14 +98,7 @@ def main() -> int:
     p.add_argument("--latencies", type=lambda t: [float(x) for x in t.split(",")], default=[0.0, 0.02],
                    help="seconds WeChat takes to answer, comma-separated (default 0,0.02)")
     args = p.parse_args()
-    if shutil.which("wrk") is None:
-        print("needs wrk (Debian: apt-get install wrk)", file=sys.stderr)
-        return 2
-    workdir = tempfile.mkdtemp(prefix="bench-proxy-")
-    try:
-        return asyncio.run(main_async(args, workdir))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return run_bench(main_async, args, "bench-proxy-", {"wrk": "wrk"})
 
 
 if __name__ == "__main__":

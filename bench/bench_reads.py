@@ -25,19 +25,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, HERE, os.path.join(REPO, "tests")]
 
-from helpers_procs import SandboxProc, TokenServerProc, child_pids, free_port, get_json, proc_config  # noqa: E402
-from wrklib import Run, redis_benchmark, wrk  # noqa: E402
+from helpers_procs import SandboxProc, TokenServerProc, children_running, free_port, get_json, proc_config  # noqa: E402
+from wrklib import Run, redis_benchmark, run_bench, wrk  # noqa: E402
 
 from server.embedded_redis import EmbeddedRedis  # noqa: E402
 from server.sandbox import DEFAULT_APPID, DEFAULT_APPSECRET  # noqa: E402
@@ -98,7 +96,7 @@ async def main_async(args: argparse.Namespace, workdir: str) -> int:
             for name, (url, headers) in targets.items():
                 runs[name].append(wrk(url, args.seconds, args.connections, headers))
             runs["redis GET"].append(redis_benchmark(redis.port, "access_token", 200_000, args.connections))
-        rss = {"token": [peak_rss_mb(one.pid)], "token x2": [peak_rss_mb(p) for p in child_pids(two.pid) if is_server(p)],
+        rss = {"token": [peak_rss_mb(one.pid)], "token x2": [peak_rss_mb(p) for p in children_running(two.pid, b"token_server.py")],
                "bare": [peak_rss_mb(bare.pid)]}
         rss["face"] = rss["proxy"] = rss["token"]
         if uv is not None:
@@ -113,14 +111,6 @@ async def main_async(args: argparse.Namespace, workdir: str) -> int:
         sandbox.kill()
         redis.stop()
     return 0
-
-
-def is_server(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return b"token_server.py" in fh.read()
-    except OSError:
-        return False
 
 
 def report(runs: dict[str, list[Run]], rss: dict[str, list[float]], args: argparse.Namespace) -> None:
@@ -153,15 +143,7 @@ def main() -> int:
         except ImportError:
             print("uvloop not installed: no uvloop row (pip install uvloop)", file=sys.stderr)
             args.uvloop = False
-    for tool in ("wrk", "redis-benchmark"):
-        if shutil.which(tool) is None:
-            print(f"needs {tool} (Debian: apt-get install wrk redis-tools)", file=sys.stderr)
-            return 2
-    workdir = tempfile.mkdtemp(prefix="bench-reads-")
-    try:
-        return asyncio.run(main_async(args, workdir))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return run_bench(main_async, args, "bench-reads-", {"wrk": "wrk", "redis-benchmark": "redis-tools"})
 
 
 if __name__ == "__main__":

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import csv
 import io
 import re
+import shutil
 import subprocess
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 
@@ -46,3 +52,18 @@ def redis_benchmark(port: int, key: str, requests: int, connections: int) -> Run
     rows = list(csv.DictReader(io.StringIO(out)))
     row = rows[-1]
     return Run(float(row["rps"]), float(row["p50_latency_ms"]), float(row["p99_latency_ms"]), 0)
+
+
+def run_bench(main_async: Callable[[argparse.Namespace, str], Awaitable[int]], args: argparse.Namespace, prefix: str,
+              tools: dict[str, str]) -> int:
+    """Run a benchmark in a temporary directory; exit 2 naming the Debian package of a missing
+    tool (``{"wrk": "wrk"}``)."""
+    for tool, package in tools.items():
+        if shutil.which(tool) is None:
+            print(f"needs {tool} (Debian: apt-get install {package})", file=sys.stderr)
+            return 2
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    try:
+        return asyncio.run(main_async(args, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
