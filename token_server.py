@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import sys
 import tempfile
 from collections.abc import Coroutine
@@ -147,6 +148,9 @@ async def run_demo(port: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Until the server's own handler (server.app.serve): a reload asked for while the config
+    # is read is not worth dying for, and the file being read is the newest anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = parse_args(argv)
     try:
         check_args(args)
