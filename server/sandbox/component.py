@@ -35,7 +35,7 @@ from server.sandbox.ledger import Ledger
 
 DEFAULT_COMPONENT_APPID = "wxcomponent0123456"
 DEFAULT_COMPONENT_SECRET = "sandbox-component-secret-0123456789"
-DEFAULT_MSG_TOKEN = "sandbox-msg-token-0123456789"
+DEFAULT_MSG_TOKEN = "sandboxMsgToken0123456789"
 #: a fixed EncodingAESKey (43 base64 characters) so a config can name it
 DEFAULT_AES_KEY = base64.b64encode(hashlib.sha256(b"sandbox component aes key").digest()).decode()[:43]
 VERIFY_TICKET_LIFE = 12 * 3600.0  # seconds
