@@ -50,6 +50,8 @@ from server.jssdk_handler import JssdkConfigHandler, public_limits
 from server.listener import GuardedHTTPServer
 from server.ops.quota import DailyCalls
 from server.ops.readiness import Readiness, ReadyHandler
+from server.platform.handlers import platform_routes, take_proxy
+from server.platform.service import Platforms
 from server.ratelimit import SharedLimit
 from server.refresher import Refresher
 from server.sources import Source
@@ -70,6 +72,7 @@ def make_app(
     face: Face | None = None,
     readiness: Readiness | None = None,
     sessions: Sessions | None = None,
+    platforms: Platforms | None = None,
 ) -> tornado.web.Application:
     """The HTTP application over built parts (see handlers for each endpoint).
 
@@ -80,11 +83,14 @@ def make_app(
     server.jssdk_handler); an account without one is not served publicly.  ``face`` (None:
     ``face: false``) adds the WeChat-shaped face after these routes, which keep precedence
     (see server.face).  ``sessions`` (None: no page) adds the operator's status page under
-    ``/wechat/status/`` (see server.web).
+    ``/wechat/status/`` (see server.web).  ``platforms`` (None: no ``kind: component``
+    account) adds the third-party platform's endpoints (see server.platform.handlers).
     """
     deps = {"refresher": refresher, "auth": auth, "active": active, "accounts": accounts}
+    # --- third-party platforms (server.platform): first, as they take over /wechat/token for authorizer appids ---
+    own = platform_routes(platforms, deps) if platforms is not None else []
     app = tornado.web.Application(
-        [
+        own + [
             (r"/wechat/token", TokenHandler, deps),
             (r"/wechat/token/forcerefresh", ForceRefreshHandler, deps),
             (r"/wechat/jssdk/config", JssdkConfigHandler, {**deps, "public_limits": jssdk_limits or {}}),
@@ -104,6 +110,9 @@ def make_app(
     # --- the WeChat-shaped face (server.face) ---
     if face is not None:
         add_face(app, face, deps)
+    # --- the API proxy also takes authorizers' tokens (server.platform) ---
+    if platforms is not None:
+        take_proxy(app, platforms, face, deps)
     return app
 
 
@@ -126,6 +135,8 @@ class Running:
     face: Face | None = None
     #: the daily call counts (server.ops.quota); counts under way finish before Redis closes
     calls: DailyCalls | None = None
+    #: third-party platforms (server.platform; None: no kind: component account)
+    platforms: Platforms | None = None
 
 
 def redis_url(cfg: Config) -> tuple[str | None, EmbeddedRedis | None]:
@@ -162,6 +173,7 @@ async def start(cfg: Config) -> Running:
     limits_redis: aioredis.Redis | None = None
     upstream: Upstream | None = None
     face: Face | None = None
+    platforms: Platforms | None = None
     sockets: list[socket.socket] = []
     try:
         sockets = bind(cfg.server.host, cfg.server.port)
@@ -169,11 +181,17 @@ async def start(cfg: Config) -> Running:
         await check_redis(store, cfg, url)
         upstream = Upstream(cfg.refresh.timeout)
         sources = {name: Source(src) for name, src in cfg.sources.items()}
+        # --- third-party platforms (server.platform): component-token sources that carry the verify ticket ---
+        platforms = Platforms.build(cfg, store, sources)
+        if platforms is not None:
+            await platforms.load()
         calls = DailyCalls(store.redis, cfg.redis.prefix, {name: src.daily_quota for name, src in cfg.sources.items()})
         refresher = Refresher(sources, store, upstream, cfg.refresh, calls=calls)
         started = time.monotonic()
         await refresher.start()
         logger.info("first refresh pass done in %.2fs: %s", time.monotonic() - started, _summary(refresher))
+        if platforms is not None:
+            platforms.start(refresher)  # the authorizers' schedule (server.platform)
         active = ActiveRequests()
         limits_redis = build_redis(cfg.redis, url, max_connections=LIMITS_CONNECTIONS)
         auth = Authenticator(cfg, *shared_limits(limits_redis, cfg))
@@ -185,7 +203,8 @@ async def start(cfg: Config) -> Running:
         http = GuardedHTTPServer(
             make_app(
                 refresher, auth, active, accounts, public_limits(limits_redis, cfg.redis.prefix, accounts), face,
-                Readiness(store, refresher), Sessions(cfg.server.secret, auth),
+                Readiness(store, refresher, explain=platforms.explain if platforms is not None else None),
+                Sessions(cfg.server.secret, auth), platforms,
             ),
             admit=auth.accepts_peer,
             header_timeout=cfg.server.header_timeout,
@@ -204,12 +223,15 @@ async def start(cfg: Config) -> Running:
             upstream.close()
         if face is not None:
             face.close()
+        if platforms is not None:
+            platforms.stop()
+            platforms.close()
         if embedded is not None:
             embedded.stop()
         raise
     port = sockets[0].getsockname()[1]
     logger.info("listening on http://%s:%d (wechat-token-server %s)", cfg.server.host, port, __version__)
-    return Running(http, active, refresher, store, limits_redis, upstream, embedded, port, unthrottle=logthrottle.install(), face=face, calls=calls)
+    return Running(http, active, refresher, store, limits_redis, upstream, embedded, port, unthrottle=logthrottle.install(), face=face, calls=calls, platforms=platforms)
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -273,9 +295,14 @@ async def stop(running: Running, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     running.http.stop()  # no new connections
     running.refresher.stop()  # no new ticks or retries
+    if running.platforms is not None:
+        running.platforms.stop()  # no new claims of authorizers
     if not await running.active.wait_idle(timeout):
         logger.warning("shutdown: %d requests still open after %.0fs; closing them", len(running.active.handlers), timeout)
     await running.refresher.drain(max(0.1, deadline - time.monotonic()))  # releases held locks
+    if running.platforms is not None:
+        await running.platforms.drain(max(0.1, deadline - time.monotonic()))  # unfinished claims expire by themselves
+        running.platforms.close()
     if running.calls is not None:
         await running.calls.drain(1.0)  # the last calls' counts, while Redis is still open
     try:

@@ -86,12 +86,15 @@ class Component:
         self.codes: dict[str, tuple[str, str, float]] = {}  # code -> (component, authorizer, expires at)
         #: api_authorizer_token and api_query_auth calls that issued a token, per authorizer
         self.token_calls: collections.Counter[str] = collections.Counter()
+        #: (clock, authorizer) of each of those calls, the newest 100,000
+        self.token_log: collections.deque[tuple[float, str]] = collections.deque(maxlen=100_000)
 
     def reset(self) -> None:
         self.tickets.clear()
         self.authorizations.clear()
         self.codes.clear()
         self.token_calls.clear()
+        self.token_log.clear()
 
     # -- what WeChat does on its own: tickets, authorisations ------------------------------
 
@@ -203,6 +206,7 @@ class Component:
             raise ApiError(61003, "component is not authorized by this account")
         token = self.ledger.rotate("authorizer", authorizer, overlap=self.ledger.overlap, agentid=component)
         self.token_calls[authorizer] += 1
+        self.token_log.append((self.ledger.clock(), authorizer))
         return {"authorization_info": {
             "authorizer_appid": authorizer, "authorizer_access_token": token,
             "expires_in": self.ledger.expires_in, "authorizer_refresh_token": auth.refresh_token,
@@ -220,6 +224,7 @@ class Component:
             raise ApiError(61023, "refresh_token is invalid")
         token = self.ledger.rotate("authorizer", authorizer, overlap=self.ledger.overlap, agentid=component)
         self.token_calls[authorizer] += 1
+        self.token_log.append((self.ledger.clock(), authorizer))
         if self.rotate_refresh_tokens:
             auth.refresh_token = self._new_refresh_token()
         return {"authorizer_access_token": token, "expires_in": self.ledger.expires_in,
