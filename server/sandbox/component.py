@@ -231,9 +231,17 @@ class Component:
                 "authorizer_refresh_token": auth.refresh_token}
 
     def stats(self) -> JSONDict:
+        """Counts, and ``min_gap``: the shortest time (seconds) between two token calls for
+        one authorizer in the log (a double refresh shows as a gap near 0; None: no pair)."""
         calls = self.token_calls
+        last: dict[str, float] = {}
+        gap: float | None = None
+        for at, authorizer in self.token_log:
+            if authorizer in last:
+                gap = at - last[authorizer] if gap is None else min(gap, at - last[authorizer])
+            last[authorizer] = at
         return {"authorizer_token_calls": sum(calls.values()), "authorizers_refreshed": len(calls),
-                "authorizations": sum(1 for a in self.authorizations.values() if a.active)}
+                "authorizations": sum(1 for a in self.authorizations.values() if a.active), "min_gap": gap}
 
 
 def push_body(component: Component, component_appid: str, info_type: str, **fields: Any) -> tuple[dict[str, str], bytes]:
