@@ -178,16 +178,17 @@ class Bench:
         await self.authorise(appids)
         print(f"{a.authorizers} authorizers authorised in {time.monotonic() - t0:.1f}s")
 
-        before_calls = (await self.sandbox_json("/sandbox/stats"))["calls"].get(AUTHORIZER_TOKEN_PATH, 0)
-        before_rot = [(await self.status(s))["this_instance"]["rotations"] for s in self.servers]
+        # Calls and rotations read at the same moment (concurrently): the two counts cover one window.
+        first, *statuses = await asyncio.gather(self.sandbox_json("/sandbox/stats"), *(self.status(s) for s in self.servers))
+        before_calls = first["calls"].get(AUTHORIZER_TOKEN_PATH, 0)
+        comp_before = first["calls"].get(COMPONENT_TOKEN_PATH, 0)
+        before_rot = [st["this_instance"]["rotations"] for st in statuses]
         before_cpu = [cpu_seconds(s.pid) for s in self.servers]
-        comp_before = (await self.sandbox_json("/sandbox/stats"))["calls"].get(COMPONENT_TOKEN_PATH, 0)
         until = time.monotonic() + a.duration
         samples: dict[str, list[float]] = {}
         await asyncio.gather(self.watch(until, samples), *(self.reader(appids, until, k) for k in range(a.readers)))
-        stats = await self.sandbox_json("/sandbox/stats")
+        stats, *status = await asyncio.gather(self.sandbox_json("/sandbox/stats"), *(self.status(s) for s in self.servers))
         calls = stats["calls"].get(AUTHORIZER_TOKEN_PATH, 0) - before_calls
-        status = [await self.status(s) for s in self.servers]
         rotations = [st["this_instance"]["rotations"] - b for st, b in zip(status, before_rot, strict=True)]
         cpu = [cpu_seconds(s.pid) - c for s, c in zip(self.servers, before_cpu, strict=True)]
         comp = await self.sandbox_json("/sandbox/component/stats")

@@ -108,3 +108,23 @@ async def test_restart_with_valid_tokens_makes_no_call(make_config, start_server
     assert status == 200, ready
     status, body = await call(second.port, "/wechat/token", type="access_token", appid=many[3])
     assert status == 200 and body["access_token"] == sandbox.component.current_token(many[3])
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_lost_answer_cuts_the_stored_token_to_the_overlap(make_config, start_server, sandbox, sandbox_url, call, redis_sync) -> None:
+    sandbox.expires_in = 30
+    sandbox.overlap = 4
+    cfg = make_config(refresh={"interval": 0.5, "ahead": 26, "max_ttl": 7000, "timeout": 1, "overlap": 4}, **platform_sections(sandbox_url))
+    running = await start_server(cfg)
+    await ready_platform(sandbox, running.port)
+    appid = appids(1)[0]
+    # its first refresh is due in 11 to 15 s (30 s of life; ahead at most half of it, less jitter)
+    sandbox.inject(AUTHORIZER_TOKEN_PATH, "hang", delay=1.5)  # answers after refresh.timeout: the answer is lost
+    await authorise(sandbox, call, running.port, [appid])
+    key = f"myplatform.{appid}.access_token"
+    await wait_for(lambda: sandbox.component.token_calls[appid] >= 2, 25, "the refresh whose answer is lost")
+    # the client gave up after 1 s and cut the stored token; the retry comes 1 to 2 s after that
+    await wait_for(lambda: 0 < redis_sync.pttl(key) <= 4000, 1, "the stored token cut to the overlap")
+    await wait_for(lambda: sandbox.component.token_calls[appid] >= 3, 10, "the retry")
+    status, body = await call(running.port, "/wechat/token", type="access_token", appid=appid)
+    assert status == 200 and sandbox.token_status(body["access_token"]) == 0

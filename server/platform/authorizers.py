@@ -73,6 +73,19 @@ return 1
 """
 
 
+# KEYS[1] plain token key; ARGV[1] life in ms.  Shortens the stored token's life to ARGV[1] if it
+# lives longer (a refresh whose answer was lost may have made WeChat issue a successor, leaving
+# the stored one valid for the overlap only).  Returns 1 if shortened.
+_CAP_LUA = """
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl > tonumber(ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
 @dataclass(frozen=True)
 class Credentials:
     """What a refresh needs: the refresh token (never in a repr) and the authorizer's state."""
@@ -100,6 +113,7 @@ class AuthorizerStore:
         self._save = redis.register_script(_SAVE_LUA)
         self._block = redis.register_script(_BLOCK_LUA)
         self._remove = redis.register_script(_REMOVE_LUA)
+        self._cap = redis.register_script(_CAP_LUA)
 
     def __repr__(self) -> str:
         return f"AuthorizerStore({self.platform!r})"
@@ -118,6 +132,10 @@ class AuthorizerStore:
         if stored:
             await self.redis.set(keys.issued(self.prefix, self.platform, token), appid, px=ttl_ms)
         return stored
+
+    async def cap_life(self, appid: str, seconds: float) -> bool:
+        """Make the stored token expire within ``seconds`` (if it lives longer); True if shortened."""
+        return bool(await self._cap(keys=[self.token_key(appid)], args=[max(1, int(seconds * 1000))]))
 
     async def credentials(self, appid: str) -> Credentials:
         raw = await self.redis.hmget(keys.authorizer_meta(self.prefix, self.platform, appid), "refresh_token", "state", "failures")

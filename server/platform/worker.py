@@ -14,7 +14,9 @@ What each answer does to an authorizer:
   (``state: blocked``) and taken off the schedule; the others go on;
 - 40001 / 40014 / 42001: the component token was rejected: it is refreshed once, compare-and-
   refresh (``old=``), and the authorizer retried in a second or two;
-- anything else: retried after an exponential backoff with jitter, counted per authorizer.
+- anything else: retried after an exponential backoff with jitter, counted per authorizer; a
+  call whose answer was lost (timeout, HTTP error) cuts the stored token's life to
+  ``refresh.overlap`` (WeChat may have issued its successor) and retries before that.
 
 The component token comes from the refresher (``refresher.current``): while it has none (no
 verify ticket yet), nothing is claimed.
@@ -236,6 +238,11 @@ class Worker:
             return RETRY_SOON + random.uniform(0, RETRY_SOON)
         failures = await self.p.store.count_failure(appid)
         delay = self._backoff(failures, e)
+        if e.maybe_issued and await self.p.store.cap_life(appid, self.refresh.overlap):
+            # No answer: WeChat may have issued a successor nobody received, leaving the stored
+            # token valid for the overlap only.  Serve it no longer than that; retry before.
+            delay = min(delay, self.refresh.overlap / 2)
+            logger.warning("platform %s: authorizer %s: answer lost; its stored token now lives at most %.0fs", self.p.name, appid, self.refresh.overlap)
         logger.warning("platform %s: authorizer %s: refresh failed (attempt %d): %s; retry in %.1fs", self.p.name, appid, failures, e, delay)
         return delay
 
