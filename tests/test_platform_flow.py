@@ -5,6 +5,7 @@ refresh (with refresh-token rotation) -> unauthorised.  Upstream calls counted a
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from helpers_platform import AUTHORIZER_TOKEN_PATH, COMPONENT_TOKEN_PATH, QUERY_AUTH_PATH, platform_sections, push_event, wait_for
@@ -22,6 +23,8 @@ async def test_whole_flow(make_config, start_server, sandbox, sandbox_url, call,
     cfg = make_config(refresh={"interval": 0.5, "ahead": 3, "max_ttl": 7000, "timeout": 2}, **platform_sections(sandbox_url))
     running = await start_server(cfg)
     port = running.port
+    events = redis_sync.pubsub()
+    events.subscribe("wechat-token:events")
 
     # No verify ticket yet: the component token waits, and /readyz says why.
     status, body = await call(port, "/readyz", headers={})
@@ -73,3 +76,15 @@ async def test_whole_flow(make_config, start_server, sandbox, sandbox_url, call,
     calls = sandbox.calls[AUTHORIZER_TOKEN_PATH]
     await asyncio.sleep(6)  # more than its token's life
     assert sandbox.calls[AUTHORIZER_TOKEN_PATH] == calls
+
+    # Every change was announced on the core's events channel, without a value.
+    seen = []
+    while (message := events.get_message(timeout=0)) is not None:
+        if message["type"] == "message":
+            seen.append(json.loads(message["data"]))
+    mine = [e for e in seen if e["source"].startswith(f"myplatform.{AUTHORIZER}.")]
+    kinds = [(e["event"], e["source"].rsplit(".", 1)[1]) for e in mine]
+    assert kinds.count(("rotated", "access_token")) == sandbox.component.token_calls[AUTHORIZER]
+    assert ("rotated", "ticket") in kinds and kinds[-1] == ("dropped", "access_token")
+    assert all(e["account"] == "myplatform" and set(e) == {"event", "source", "account", "id", "version", "expires_at"} for e in mine)
+    events.close()

@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 # KEYS[1] plain token key, KEYS[2] meta hash
 # ARGV[1] token, ARGV[2] TTL in ms, ARGV[3] version, ARGV[4] refresh token ("" = keep the stored one),
-# ARGV[5] "1" for an authorisation (brings a blocked or unauthorised authorizer back), "0" for a refresh
+# ARGV[5] "1" for an authorisation (brings a blocked or unauthorised authorizer back), "0" for a refresh,
+# ARGV[6] the events channel, ARGV[7] the "rotated" event's JSON without its closing brace (keys.event_head)
 # Stores the token if its version is above the stored one and, for a refresh, if the authorizer
 # is still in state ok (an unauthorised one never comes back through a refresh in the air).
 # Returns 1 when stored, 0 when fenced out.
@@ -46,11 +47,12 @@ redis.call('HSET', KEYS[2], 'version', ARGV[3], 'expires_at', string.format('%.3
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[2], 'refresh_token', ARGV[4])
 end
+redis.call('PUBLISH', ARGV[6], ARGV[7] .. ', "version": ' .. ARGV[3] .. ', "expires_at": ' .. string.format('%.3f', now + tonumber(ARGV[2]) / 1000) .. '}')
 return 1
 """
 
 # KEYS[1] plain token key, KEYS[2] meta hash; ARGV[1] the refresh token the failed call used,
-# ARGV[2] errcode, ARGV[3] errmsg.  Blocks the authorizer (61023, 61003) only if that refresh
+# ARGV[2] errcode, ARGV[3] errmsg, ARGV[4] events channel, ARGV[5] the "blocked" event's head.  Blocks the authorizer (61023, 61003) only if that refresh
 # token is still the stored one: a refresh token replaced meanwhile (a re-authorisation) is not
 # judged by an answer to the old one.  The token keeps its remaining life.  Returns 1 if blocked.
 _BLOCK_LUA = """
@@ -58,10 +60,12 @@ if redis.call('HGET', KEYS[2], 'refresh_token') ~= ARGV[1] then
   return 0
 end
 redis.call('HSET', KEYS[2], 'state', 'blocked', 'errcode', ARGV[2], 'errmsg', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. ', "version": ' .. (redis.call('HGET', KEYS[2], 'version') or '0') .. ', "expires_at": null}')
 return 1
 """
 
-# KEYS[1] plain token key, KEYS[2] meta hash, KEYS[3] ticket key.  The merchant withdrew: the
+# KEYS[1] plain token key, KEYS[2] meta hash, KEYS[3] ticket key; ARGV[1] events channel, ARGV[2]
+# the "dropped" event's head.  The merchant withdrew: the
 # token, the ticket and the refresh token go; the version rises by one so a refresh in the
 # air is fenced out.
 _REMOVE_LUA = """
@@ -69,6 +73,7 @@ redis.call('DEL', KEYS[1], KEYS[3])
 local v = (tonumber(redis.call('HGET', KEYS[2], 'version') or '0') or 0) + 1
 redis.call('HDEL', KEYS[2], 'refresh_token')
 redis.call('HSET', KEYS[2], 'state', 'unauthorized', 'version', string.format('%.0f', v))
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. ', "version": ' .. string.format('%.0f', v) .. ', "expires_at": null}')
 return 1
 """
 
@@ -114,12 +119,16 @@ class AuthorizerStore:
         self._block = redis.register_script(_BLOCK_LUA)
         self._remove = redis.register_script(_REMOVE_LUA)
         self._cap = redis.register_script(_CAP_LUA)
+        self.channel = keys.events_channel(prefix)
 
     def __repr__(self) -> str:
         return f"AuthorizerStore({self.platform!r})"
 
     def token_key(self, appid: str) -> str:
         return keys.authorizer_token(self.prefix, self.platform, appid)
+
+    def _head(self, event: str, appid: str, what: str = "access_token") -> str:
+        return keys.event_head(event, f"{self.platform}.{appid}.{what}", self.platform)
 
     def _keys(self, appid: str) -> list[str]:
         return [self.token_key(appid), keys.authorizer_meta(self.prefix, self.platform, appid)]
@@ -128,7 +137,8 @@ class AuthorizerStore:
         """Store the token (``life`` seconds) with its refresh token if ``version`` is the
         newest (see _SAVE_LUA); then index it for the API proxy.  False when fenced out."""
         ttl_ms = max(1, int(life * 1000))
-        stored = bool(await self._save(keys=self._keys(appid), args=[token, ttl_ms, str(version), refresh_token, "1" if authorisation else "0"]))
+        stored = bool(await self._save(keys=self._keys(appid), args=[token, ttl_ms, str(version), refresh_token, "1" if authorisation else "0",
+                                                                  self.channel, self._head("rotated", appid)]))
         if stored:
             await self.redis.set(keys.issued(self.prefix, self.platform, token), appid, px=ttl_ms)
         return stored
@@ -146,10 +156,11 @@ class AuthorizerStore:
         return int(await self.redis.hincrby(keys.authorizer_meta(self.prefix, self.platform, appid), "failures", 1))
 
     async def block(self, appid: str, refresh_token: str, errcode: int, errmsg: str) -> bool:
-        return bool(await self._block(keys=self._keys(appid), args=[refresh_token, str(errcode), errmsg[:300]]))
+        return bool(await self._block(keys=self._keys(appid), args=[refresh_token, str(errcode), errmsg[:300], self.channel, self._head("blocked", appid)]))
 
     async def remove(self, appid: str) -> None:
-        await self._remove(keys=[*self._keys(appid), keys.authorizer_ticket(self.prefix, self.platform, appid)])
+        await self._remove(keys=[*self._keys(appid), keys.authorizer_ticket(self.prefix, self.platform, appid)],
+                           args=[self.channel, self._head("dropped", appid)])
 
     async def token(self, appid: str) -> Value | None:
         return await self._value(self.token_key(appid))
@@ -160,7 +171,13 @@ class AuthorizerStore:
     async def save_ticket(self, appid: str, ticket: str, life: float) -> None:
         # Tickets are fetched under a claim of the schedule (one instance at a time) and
         # nobody depends on their order: a plain SET with the life is enough.
-        await self.redis.set(keys.authorizer_ticket(self.prefix, self.platform, appid), ticket, px=max(1, int(life * 1000)))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.authorizer_ticket(self.prefix, self.platform, appid), ticket, px=max(1, int(life * 1000)))
+            pipe.time()
+            _, (seconds, micros) = await pipe.execute()
+        now = int(seconds) + int(micros) / 1e6
+        head = self._head("rotated", appid, "ticket")
+        await self.redis.publish(self.channel, head + f', "version": {int(now * 1e6)}, "expires_at": {now + life:.3f}}}')
 
     async def _value(self, key: str) -> Value | None:
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -22,6 +22,11 @@ configured ``prefix``:
     (member -> lease end); one slot, so claiming is one script.
 ``<prefix>P:issued:<sha256 of a token>``
     The authorizer a token was issued to (the API proxy's lookup), kept as long as the token.
+``<prefix>wechat-token:events`` (a channel)
+    Every stored change, as JSON ``{"event", "source", "account", "id", "version",
+    "expires_at"}``: the channel and shape of the core's events (``rotated`` for a new
+    token or ticket, ``blocked`` after 61023 / 61003, ``dropped`` when an authorizer
+    withdrew), with ``source`` the plain key's name (``P.A.access_token``) and ``account`` P.
 ``<prefix>P:event:<sha1 of timestamp and nonce>`` and ``<prefix>P:code:<sha256 of a code>``
     An event already handled (replays do nothing), and an authorisation code claimed for
     its one exchange.
@@ -30,6 +35,8 @@ configured ``prefix``:
 from __future__ import annotations
 
 import hashlib
+import json
+import secrets
 
 TICKET_SUFFIX = "#jsapi"
 
@@ -77,3 +84,14 @@ def split_member(member: str) -> tuple[str, bool]:
     if member.endswith(TICKET_SUFFIX):
         return member[: -len(TICKET_SUFFIX)], True
     return member, False
+
+
+def events_channel(prefix: str) -> str:
+    """The channel the core publishes stored changes on (``<prefix>wechat-token:events``)."""
+    return prefix + "wechat-token:events"
+
+
+def event_head(event: str, source: str, account: str) -> str:
+    """An event's JSON without its closing brace: the scripts add ``version`` and
+    ``expires_at``, which only they know; ``id`` is unique per message.  No value in it."""
+    return json.dumps({"event": event, "source": source, "account": account, "id": secrets.token_hex(12)})[:-1]
