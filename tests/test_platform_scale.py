@@ -128,3 +128,24 @@ async def test_lost_answer_cuts_the_stored_token_to_the_overlap(make_config, sta
     await wait_for(lambda: sandbox.component.token_calls[appid] >= 3, 10, "the retry")
     status, body = await call(running.port, "/wechat/token", type="access_token", appid=appid)
     assert status == 200 and sandbox.token_status(body["access_token"]) == 0
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_platform_refused_pauses_every_authorizer(make_config, start_server, sandbox, sandbox_url, call) -> None:
+    """61004 (this server's IP is not on the platform's whitelist) is the platform's fault:
+    one call, then a pause of refresh.backoff_max, not one backoff per authorizer."""
+    sandbox.expires_in = 6
+    cfg = make_config(refresh={"interval": 0.5, "ahead": 3, "max_ttl": 7000, "timeout": 2, "backoff_max": 4}, **platform_sections(sandbox_url))
+    running = await start_server(cfg)
+    await ready_platform(sandbox, running.port)
+    many = appids(10)
+    await authorise(sandbox, call, running.port, many)
+    sandbox.inject(AUTHORIZER_TOKEN_PATH, "errcode", errcode=61004, errmsg="access clientip is not registered", times=None)
+    before = sandbox.calls[AUTHORIZER_TOKEN_PATH]
+    await asyncio.sleep(5)  # every authorizer falls due meanwhile
+    refused = sandbox.calls[AUTHORIZER_TOKEN_PATH] - before
+    # at most the claims already in the air when the first answer came (each authorizer backing
+    # off on its own would have made about 30)
+    assert 1 <= refused <= 10, f"{refused} calls while the platform was refused"
+    sandbox.clear_faults()
+    await wait_for(lambda: all(sandbox.component.token_calls[a] >= 2 for a in many), 20, "refreshes after the pause")

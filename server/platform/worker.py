@@ -14,6 +14,8 @@ What each answer does to an authorizer:
   (``state: blocked``) and taken off the schedule; the others go on;
 - 40001 / 40014 / 42001: the component token was rejected: it is refreshed once, compare-and-
   refresh (``old=``), and the authorizer retried in a second or two;
+- a fatal errcode (61004: this server's IP is not on the platform's whitelist, ...): the
+  platform itself is refused, so this instance claims nothing for ``refresh.backoff_max``;
 - anything else: retried after an exponential backoff with jitter, counted per authorizer; a
   call whose answer was lost (timeout, HTTP error) cuts the stored token's life to
   ``refresh.overlap`` (WeChat may have issued its successor) and retries before that.
@@ -81,6 +83,9 @@ class Worker:
         self._now: dict[str, asyncio.Future[None]] = {}  # members fetched on request, single flight
         self.rotations = 0  # tokens this process stored (benchmark, status)
         self.peak_in_flight = 0
+        #: monotonic time before which nothing is claimed: WeChat refused the platform itself
+        #: (61004: IP not whitelisted, a wrong component appid...), which no authorizer can fix
+        self.paused_until = 0.0
 
     def __repr__(self) -> str:
         return f"Worker({self.p.name!r}, {len(self._running)} running)"
@@ -120,7 +125,7 @@ class Worker:
         try:
             if await self.p.tickets.sync() or not self._component_ready():
                 self._nudge_component()
-            if not self._component_ready():
+            if not self._component_ready() or time.monotonic() < self.paused_until:
                 return  # nothing can be refreshed without a component token: claim nothing
             free = self.cfg.concurrency - len(self._running)
             want = min(free, self.cfg.batch)
@@ -236,6 +241,14 @@ class Worker:
             logger.warning("platform %s: errcode %s with the component token; refreshing it (if still current)", self.p.name, e.errcode)
             await self._quiet(self.refresher.refresh(self.p.source, force=True, old=component.value, min_interval=False))
             return RETRY_SOON + random.uniform(0, RETRY_SOON)
+        if e.kind is ErrorKind.FATAL:
+            # The platform's fault, not this authorizer's: pause every claim here, not 10,000 backoffs.
+            pause = self.refresh.backoff_max
+            if time.monotonic() >= self.paused_until:
+                logger.error("platform %s: errcode %s (%s) refreshing authorizer %s: the platform itself is refused; no authorizer refresh for %.0fs",
+                             self.p.name, e.errcode, e.errmsg, appid, pause)
+            self.paused_until = time.monotonic() + pause
+            return pause + random.uniform(0, pause / 4)
         failures = await self.p.store.count_failure(appid)
         delay = self._backoff(failures, e)
         if e.maybe_issued and await self.p.store.cap_life(appid, self.refresh.overlap):

@@ -26,7 +26,7 @@ import hashlib
 import os
 import secrets
 import struct
-from typing import Any
+from typing import Any, Callable
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -77,9 +77,10 @@ class Authorization:
 class Component:
     """Platforms (component appid -> ComponentApp), their verify tickets, authorisations and codes."""
 
-    def __init__(self, ledger: Ledger, apps: dict[str, ComponentApp]) -> None:
+    def __init__(self, ledger: Ledger, apps: dict[str, ComponentApp], ip_allowed: Callable[[str], bool] = lambda ip: True) -> None:
         self.ledger = ledger
         self.apps = apps
+        self.ip_allowed = ip_allowed  # the platform's IP whitelist (the sandbox's)
         self.rotate_refresh_tokens = False
         self.tickets: dict[str, dict[str, float]] = {}  # component -> {ticket: issued at}
         self.authorizations: dict[tuple[str, str], Authorization] = {}
@@ -174,7 +175,13 @@ class Component:
 
     # -- the component endpoints: each returns the body or raises ApiError -----------------
 
-    def api_component_token(self, raw_body: bytes) -> JSONDict:
+    def check_ip(self, ip: str) -> None:
+        """61004 for a caller outside the whitelist (every component call is subject to it)."""
+        if not self.ip_allowed(ip):
+            raise ApiError(61004, f"access clientip is not registered, not in whitelist rid: {ip}")
+
+    def api_component_token(self, raw_body: bytes, ip: str = "127.0.0.1") -> JSONDict:
+        self.check_ip(ip)
         body = json_object(raw_body)
         appid, secret, ticket = (body.get(k) for k in ("component_appid", "component_appsecret", "component_verify_ticket"))
         if not appid or appid not in self.apps:
@@ -193,7 +200,8 @@ class Component:
             raise ApiError(40013, "invalid appid")
         return entry.owner
 
-    def api_query_auth(self, component_access_token: str | None, raw_body: bytes) -> JSONDict:
+    def api_query_auth(self, component_access_token: str | None, raw_body: bytes, ip: str = "127.0.0.1") -> JSONDict:
+        self.check_ip(ip)
         body = json_object(raw_body)
         component = self._component(component_access_token, body)
         code = body.get("authorization_code")
@@ -212,7 +220,8 @@ class Component:
             "expires_in": self.ledger.expires_in, "authorizer_refresh_token": auth.refresh_token,
             "func_info": FUNC_INFO}}
 
-    def api_authorizer_token(self, component_access_token: str | None, raw_body: bytes) -> JSONDict:
+    def api_authorizer_token(self, component_access_token: str | None, raw_body: bytes, ip: str = "127.0.0.1") -> JSONDict:
+        self.check_ip(ip)
         body = json_object(raw_body)
         component = self._component(component_access_token, body)
         authorizer, refresh = body.get("authorizer_appid"), body.get("authorizer_refresh_token")

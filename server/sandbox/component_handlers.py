@@ -28,7 +28,7 @@ class ComponentTokenHandler(ApiHandler):
     def post(self) -> None:
         """``POST /cgi-bin/component/api_component_token {"component_appid", "component_appsecret",
         "component_verify_ticket"}`` -> ``{"component_access_token": "...", "expires_in": 7200}``"""
-        self.reply(lambda: self.sandbox.component.api_component_token(self.request.body))
+        self.reply(lambda: self.sandbox.component.api_component_token(self.request.body, self.client_ip()))
 
 
 class QueryAuthHandler(ApiHandler):
@@ -38,7 +38,7 @@ class QueryAuthHandler(ApiHandler):
     def post(self) -> None:
         """``POST /cgi-bin/component/api_query_auth?component_access_token=T {"component_appid",
         "authorization_code"}`` -> ``{"authorization_info": {...}}``"""
-        self.reply(lambda: self.sandbox.component.api_query_auth(self.arg("component_access_token"), self.request.body))
+        self.reply(lambda: self.sandbox.component.api_query_auth(self.arg("component_access_token"), self.request.body, self.client_ip()))
 
 
 class AuthorizerTokenHandler(ApiHandler):
@@ -49,7 +49,7 @@ class AuthorizerTokenHandler(ApiHandler):
         """``POST /cgi-bin/component/api_authorizer_token?component_access_token=T {"component_appid",
         "authorizer_appid", "authorizer_refresh_token"}`` -> ``{"authorizer_access_token", "expires_in",
         "authorizer_refresh_token"}``"""
-        self.reply(lambda: self.sandbox.component.api_authorizer_token(self.arg("component_access_token"), self.request.body))
+        self.reply(lambda: self.sandbox.component.api_authorizer_token(self.arg("component_access_token"), self.request.body, self.client_ip()))
 
 
 async def push(component: Component, url: str, component_appid: str, info_type: str,

@@ -85,7 +85,8 @@ class Sandbox:
         self.business = Business(self.ledger, self.apps)
         # Third-party platforms: component appid -> ComponentApp (one default platform).
         self.component = Component(self.ledger, dict(components) if components is not None else {
-            DEFAULT_COMPONENT_APPID: ComponentApp(DEFAULT_COMPONENT_SECRET, DEFAULT_MSG_TOKEN, DEFAULT_AES_KEY)})
+            DEFAULT_COMPONENT_APPID: ComponentApp(DEFAULT_COMPONENT_SECRET, DEFAULT_MSG_TOKEN, DEFAULT_AES_KEY)},
+            lambda ip: self._ip_allowed(ip))
         # Parsed once so that a typo in a test's whitelist fails at construction, not per call.
         self._whitelist = (None if ip_whitelist is None else
                           tuple(ipaddress.ip_network(n, strict=False) for n in ip_whitelist))
