@@ -48,7 +48,8 @@ async def test_61023_blocks_one_authorizer_only(make_config, start_server, sandb
     await wait_for(lambda: all(sandbox.component.token_calls[a] >= 3 for a in many if a != victim), 30, "two refreshes of the others")
     assert sandbox.component.token_calls[victim] == 1  # its exchange only: the refresh got 61023
     status, page = await call(port, "/wechat/component/status", count="100")
-    assert page["scheduled"] == 19
+    assert page["scheduled"] == 19 and page["blocked"] == 1
+    assert page["blocked_authorizers"] == [{"appid": victim, "errcode": 61023}]
     await asyncio.sleep(8)  # its token's life
     status, body = await call(port, "/wechat/token", type="access_token", appid=victim)
     assert status == 503 and "blocked: errcode 61023" in body["errmsg"]
@@ -60,6 +61,8 @@ async def test_61023_blocks_one_authorizer_only(make_config, start_server, sandb
     await authorise(sandbox, call, port, [victim])
     status, body = await call(port, "/wechat/token", type="access_token", appid=victim)
     assert status == 200
+    status, page = await call(port, "/wechat/component/status")
+    assert page["scheduled"] == 20 and page["blocked"] == 0
 
 
 @pytest.mark.gen_test(timeout=80)

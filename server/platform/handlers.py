@@ -105,8 +105,9 @@ class StatusHandler(PlatformHandler):
 
     async def get(self) -> None:
         """``GET /wechat/component/status?offset=0&count=50`` (operator) -> ``{"platform": "myplatform",
-        "verify_ticket": "held", "scheduled": 10000, "due": 0, "claimed": 3, "authorizers": [{"appid":
-        "wx..", "what": "access_token", "due_in": 5234.1, "state": "ok", "failures": 0}, ...]}``"""
+        "verify_ticket": "held", "scheduled": 10000, "due": 0, "claimed": 3, "blocked": 1, "authorizers": [{"appid":
+        "wx..", "what": "access_token", "due_in": 5234.1, "state": "ok", "failures": 0}, ...],
+        "blocked_authorizers": [{"appid": "wx..", "errcode": 61023}]}``"""
         self.operator_only()
         try:
             offset, count = int(self.argument("offset") or 0), int(self.argument("count") or 50)

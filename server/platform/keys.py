@@ -16,10 +16,11 @@ configured ``prefix``:
     slot, so one script writes both.
 ``<prefix>P.component_verify_ticket``
     A hash ``{ticket, create_time}`` kept 12 hours after its CreateTime; the newest wins.
-``{<prefix>P:authorizers}:due`` / ``:claims``
+``{<prefix>P:authorizers}:due`` / ``:claims`` / ``:blocked``
     The schedule: a sorted set of members (``A`` for the token, ``A#jsapi`` for the ticket)
     by due time (milliseconds, Redis's clock), and the hash of members an instance claimed
-    (member -> lease end); one slot, so claiming is one script.
+    (member -> lease end); one slot, so claiming is one script.  ``:blocked`` is the set of
+    authorizers blocked by 61023 / 61003 (off the schedule), for the operator's status.
 ``<prefix>P:issued:<sha256 of a token>``
     The authorizer a token was issued to (the API proxy's lookup), kept as long as the token.
 ``<prefix>wechat-token:events`` (a channel)
@@ -61,6 +62,10 @@ def schedule(prefix: str, platform: str) -> tuple[str, str]:
     """The due sorted set and the claims hash (one Cluster slot)."""
     tag = "{" + f"{prefix}{platform}:authorizers" + "}"
     return tag + ":due", tag + ":claims"
+
+
+def blocked(prefix: str, platform: str) -> str:
+    return "{" + f"{prefix}{platform}:authorizers" + "}:blocked"
 
 
 def issued(prefix: str, platform: str, token: str) -> str:

@@ -103,6 +103,7 @@ class Schedule:
     def __init__(self, redis: aioredis.Redis, prefix: str, platform: str) -> None:
         self.redis = redis
         self.due_key, self.claims_key = keys.schedule(prefix, platform)
+        self.blocked_key = keys.blocked(prefix, platform)
         self._claim = redis.register_script(_CLAIM_LUA)
         self._claim_one = redis.register_script(_CLAIM_ONE_LUA)
         self._finish = redis.register_script(_FINISH_LUA)
@@ -132,16 +133,30 @@ class Schedule:
             pipe.hdel(self.claims_key, *members)
             await pipe.execute()
 
+    async def note_blocked(self, appid: str, blocked: bool) -> None:
+        """Keep the set of blocked authorizers (the status's list; the state itself is the authorizer's)."""
+        if blocked:
+            await self.redis.sadd(self.blocked_key, appid)
+        else:
+            await self.redis.srem(self.blocked_key, appid)
+
+    async def blocked(self, count: int) -> list[str]:
+        """Up to about ``count`` blocked authorizers (one SSCAN step, not the whole set)."""
+        _, found = await self.redis.sscan(self.blocked_key, 0, count=count)
+        return sorted(str(m) for m in found)[:count]
+
     async def counts(self) -> dict[str, int]:
-        """``scheduled`` members, ``due`` now (a backlog), ``claimed`` (refreshes under way)."""
+        """``scheduled`` members, ``due`` now (a backlog), ``claimed`` (refreshes under way),
+        ``blocked`` authorizers."""
         clock = await self.redis.time()
         now_ms = int(clock[0]) * 1000 + int(clock[1]) // 1000
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(self.due_key)
             pipe.zcount(self.due_key, "-inf", now_ms)
             pipe.hlen(self.claims_key)
-            scheduled, due, claimed = await pipe.execute()
-        return {"scheduled": int(scheduled), "due": int(due), "claimed": int(claimed)}
+            pipe.scard(self.blocked_key)
+            scheduled, due, claimed, blocked = await pipe.execute()
+        return {"scheduled": int(scheduled), "due": int(due), "claimed": int(claimed), "blocked": int(blocked)}
 
     async def page(self, offset: int, count: int) -> list[tuple[str, float]]:
         """Members by due time (ms on Redis's clock), for the status page: ``count`` from ``offset``."""

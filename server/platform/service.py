@@ -169,12 +169,14 @@ class Platforms:
         life = min(float(expires_in), self.refresh.max_ttl)
         await p.parts.store.save(appid, token, life, version, refresh, authorisation=True)
         await p.parts.schedule.add(appid, worker.due_in(life))
+        await p.parts.schedule.note_blocked(appid, False)
         self._located[appid] = p
         logger.info("platform %s: authorizer %s authorised; token %s... stored, life %.0fs", p.parts.name, appid, token[:6], life)
         return appid
 
     async def unauthorize(self, p: Platform, appid: str) -> None:
         await p.parts.schedule.remove(appid, keys.ticket_member(appid))
+        await p.parts.schedule.note_blocked(appid, False)
         await p.parts.store.remove(appid)
         logger.warning("platform %s: authorizer %s withdrew its authorisation: no more refreshes, its token removed", p.parts.name, appid)
 
@@ -259,6 +261,10 @@ class Platforms:
             rows.append({"appid": appid, "what": "jsapi_ticket" if is_ticket else "access_token",
                          "due_in": round((due - now_ms) / 1000, 1), "state": state.get("state", ""),
                          "failures": int(state.get("failures") or 0)})
+        blocked = []
+        for appid in await p.parts.schedule.blocked(100):
+            state = await p.parts.store.state(appid)
+            blocked.append({"appid": appid, "errcode": int(state.get("errcode") or 0)})
         worker = p.worker
         return {
             "platform": p.parts.name, "appid": p.parts.appid,
@@ -267,4 +273,5 @@ class Platforms:
             "this_instance": {"rotations": worker.rotations if worker else 0, "peak_in_flight": worker.peak_in_flight if worker else 0,
                               "upstream_calls": dict(p.parts.api.calls), "at": time.time()},
             "offset": offset, "authorizers": rows,
+            "blocked_authorizers": blocked,  # at most 100; the merchant must authorise again
         }

@@ -234,6 +234,7 @@ class Worker:
     async def _failed(self, appid: str, refresh_token: str, component: Entry, e: UpstreamError) -> float | None:
         if e.errcode in BLOCKING_CODES:
             if await self.p.store.block(appid, refresh_token, e.errcode or 0, e.errmsg):
+                await self.p.schedule.note_blocked(appid, True)
                 why = "the refresh token is invalid" if e.errcode == 61023 else "the account withdrew the authorisation"
                 logger.error("platform %s: authorizer %s BLOCKED: errcode %s (%s); the merchant must authorise again", self.p.name, appid, e.errcode, why)
             return None
