@@ -9,6 +9,7 @@ Rooms (each depends only on those listed before it, and on the core):
 - ``tickets``: the verify ticket in Redis (newest wins) and the component token's source;
 - ``authorizers``: one authorizer's token, refresh token, state and ticket in Redis (fenced);
 - ``schedule``: the sorted set of due authorizers, claimed in bounded batches by any instance;
+- ``api``: the component calls to WeChat (api_query_auth, api_authorizer_token, getticket);
 - ``worker``: refreshes what this instance claimed (component token from the refresher);
 - ``events``: the event URL's checks (signature, replay, decryption) and what each event does;
 - ``handlers``: the HTTP endpoints; ``service``: :class:`~server.platform.service.Platforms`,
