@@ -37,19 +37,23 @@ from server.config import (
     example_appid_error,
     is_wechat_host,
 )
+from server.platform import config as platform_config
 
 #: Account names become source-name prefixes (``shop.access_token``): no dots.
 ACCOUNT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
-KINDS = ("official", "miniprogram", "wecom")
-API_BASES = {"official": "https://api.weixin.qq.com", "miniprogram": "https://api.weixin.qq.com", "wecom": "https://qyapi.weixin.qq.com"}
+KINDS = ("official", "miniprogram", "wecom", "component")
+API_BASES = {
+    "official": "https://api.weixin.qq.com", "miniprogram": "https://api.weixin.qq.com", "wecom": "https://qyapi.weixin.qq.com",
+    "component": "https://api.weixin.qq.com",
+}
 #: ticket kind -> the type (and default source name) it is served as
 TICKET_TYPES = {"jsapi": "ticket", "wx_card": "wx_card_ticket", "agent_config": "agent_config_ticket"}
-TICKETS_OF = {"official": ("jsapi", "wx_card"), "miniprogram": (), "wecom": ("jsapi", "agent_config")}
+TICKETS_OF = {"official": ("jsapi", "wx_card"), "miniprogram": (), "wecom": ("jsapi", "agent_config"), "component": ()}
 TOKEN = "access_token"
 #: what a request's ``type`` may name for an account
 TYPES = frozenset({TOKEN, *TICKET_TYPES.values()})
 #: calls to the token endpoint WeChat allows per day, by kind (WeCom publishes no daily figure)
-DAILY_QUOTAS: dict[str, int | None] = {"official": 2000, "miniprogram": 2000, "wecom": None}
+DAILY_QUOTAS: dict[str, int | None] = {"official": 2000, "miniprogram": 2000, "wecom": None, "component": None}
 
 
 def _digest(secret: str) -> bytes:
@@ -108,7 +112,8 @@ class Accounts:
 
     @classmethod
     def from_config(cls, cfg: Config) -> Accounts:
-        return cls(_account(name, acc) for name, acc in cfg.accounts.items())
+        # Third-party platforms (kind: component) serve no access_token of their own: server.platform owns them.
+        return cls(_account(name, acc) for name, acc in cfg.accounts.items() if acc.kind != platform_config.KIND)
 
     def __bool__(self) -> bool:
         return bool(self.by_name)
@@ -167,6 +172,8 @@ def _account(name: str, acc: AccountConfig) -> Account:
 def _sources_of(name: str, acc: AccountConfig) -> dict[str, SourceConfig]:
     """The sources an account declares (see the module docstring for their names)."""
     base = (acc.api_base or API_BASES[acc.kind]).rstrip("/")
+    if acc.kind == platform_config.KIND:  # a third-party platform: its component_access_token only
+        return {platform_config.source_name(name): platform_config.component_source(acc, base)}
     token = source_name(name, TOKEN, acc.default)
     # The quota is the token's: tickets are counted too, but WeChat publishes no daily figure for them.
     quota = acc.daily_quota if acc.daily_quota is not None else DAILY_QUOTAS[acc.kind]
@@ -215,6 +222,13 @@ def _check(name: str, acc: AccountConfig) -> None:
         raise ConfigError(f"{path}: an account name is letters, digits, _ - (at most 32), starting with a letter")
     if acc.kind not in KINDS:
         raise ConfigError(f"{path}.kind: {acc.kind!r} is no kind; use one of {', '.join(KINDS)}")
+    if acc.kind == platform_config.KIND:  # server.platform.config: its own keys and rules
+        platform_config.check_component(path, acc)
+        _check_wechat_secret(f"{path}.secret", acc.secret)
+        _check_id(f"{path}.appid", acc.appid)
+        if acc.api_base and not re.fullmatch(r"https?://[^\s/]+/?", acc.api_base):
+            raise ConfigError(f"{path}.api_base: an origin like https://api.weixin.qq.com (no path)")
+        return
     wecom = acc.kind == "wecom"
     id_key, secret_key = ("corpid", "corpsecret") if wecom else ("appid", "secret")
     article = "an" if acc.kind[0] in "aeiou" else "a"
@@ -270,12 +284,15 @@ def expand(cfg: Config) -> Config:
     defaults = [n for n, a in cfg.accounts.items() if a.default]
     if len(defaults) > 1:
         raise ConfigError(f"accounts.{defaults[1]}.default: only one account can be the default (also: {defaults[0]})")
-    only = len(cfg.accounts) == 1
+    # A platform (kind: component) is never the default: adding one keeps an official account's plain key names.
+    only = sum(a.kind != platform_config.KIND for a in cfg.accounts.values()) == 1
+    if any(a.kind == platform_config.KIND for a in cfg.accounts.values()):
+        platform_config.check_platform("platform", cfg.platform)
     accounts: dict[str, AccountConfig] = {}
     seen_ids: dict[Any, str] = {}
     sources = dict(cfg.sources)
     for name, acc in cfg.accounts.items():
-        acc = dataclasses.replace(acc, name=name, default=acc.default or only)
+        acc = dataclasses.replace(acc, name=name, default=(acc.default or only) and acc.kind != platform_config.KIND)
         _check(name, acc)
         key: Any = (acc.corpid, acc.agentid) if acc.kind == "wecom" else acc.appid
         if key in seen_ids:

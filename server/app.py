@@ -33,6 +33,7 @@ from server.face import add_face
 from server.handlers import NotFoundHandler, log_request
 from server.listener import GuardedHTTPServer
 from server.ops.reload import ConfigFile, Reloader
+from server.platform.handlers import platform_routes, take_proxy
 from server.refresher import Refresher
 from server.service import LIMITS_CONNECTIONS, Service, StartupError, shared_limits
 from server.store import Store
@@ -51,8 +52,10 @@ def make_app(service: Service, sessions: Sessions | None = None) -> tornado.web.
     ``/wechat/status/`` (``sessions``; None: no page), then the WeChat-shaped face with its
     API proxy as the catch-all (``face: true``, see server.face)."""
     deps = service.deps
+    # --- third-party platforms (server.platform): first, as they take over /wechat/token for authorizer appids ---
+    own = platform_routes(service.platforms, deps) if service.platforms is not None else []
     app = tornado.web.Application(
-        service.routes(),
+        own + service.routes(),
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
         log_function=log_request,
@@ -64,6 +67,9 @@ def make_app(service: Service, sessions: Sessions | None = None) -> tornado.web.
     # --- the WeChat-shaped face (server.face) ---
     if service.face is not None:
         add_face(app, service.face, deps)
+    # --- the API proxy also takes authorizers' tokens (server.platform) ---
+    if service.platforms is not None:
+        take_proxy(app, service.platforms, service.face, deps)
     return app
 
 

@@ -158,7 +158,22 @@ class AccountConfig:
     daily_quota: int | None = opt(None, "calls to the token endpoint WeChat allows per day (China time): 2000 for official and miniprogram, none for wecom; a warning is logged at 80%")
     jssdk: JssdkConfig = opt(help="JS-SDK signatures for this account's web pages", factory=JssdkConfig)
     notify: list[NotifyConfig] = opt(help="webhooks told of every event of this account's sources: [{url, secret, include_value}]", factory=list)
+    # --- kind: component (a third-party platform, server.platform) ---
+    msg_token: str = opt("", "component: the message-verification Token of the platform's settings (not token: stable|classic)", secret=True)
+    aes_key: str = opt("", "component: the EncodingAESKey, 43 characters", secret=True)
+    previous_aes_key: str = opt("", "component: the EncodingAESKey before the last change, still accepted", secret=True)
     name: str = opt("", "set from the mapping key")
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    """Authorizers of third-party platforms (server.platform): how the shared schedule is worked."""
+
+    tick: float = opt(1.0, "seconds between two looks at the schedule of due authorizers")
+    batch: int = opt(100, "authorizers one instance claims at most per look")
+    concurrency: int = opt(20, "authorizer refreshes one instance runs at once")
+    lease: float = opt(60.0, "seconds a claimed authorizer is this instance's before another may take it")
+    replay_window: float = opt(300.0, "seconds an event's timestamp may differ from Redis's clock")
 
 
 @dataclass(frozen=True)
@@ -194,6 +209,7 @@ class Config:
     jwt: JwtConfig | None = opt(None, "accept HS256 JWTs as Authorization: Bearer")
     face: bool = opt(True, "serve the WeChat-shaped face (/cgi-bin/...) so SDKs can use this server as their API host")
     logging: LoggingConfig = opt(help="log format and destination (the level is --log-level)", factory=LoggingConfig)
+    platform: PlatformConfig = opt(help="third-party platforms' authorizers: schedule and events", factory=PlatformConfig)
 
 
 # --- rules that span keys ------------------------------------------------------------------

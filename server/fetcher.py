@@ -144,6 +144,8 @@ class Fetcher:
                 return await self._refresh_without_redis(name, want)
             if fresh := self.policy.fresh(name, want):
                 return fresh
+        if waiting := self.sources[name].waiting():  # e.g. a platform's token without a verify ticket
+            raise DependencyUnavailable(f"{name} is {waiting}")
         self.policy.gate(name, want, snap)
         # Dependencies first, so this source's lock is never held while waiting for them.
         values = await self._dependency_values(name)

@@ -78,6 +78,8 @@ def config_secrets(cfg: Config) -> list[str]:
                 found += [urllib.parse.unquote_plus(raw), raw]
     if r.sentinel is not None:
         found += [r.sentinel.password or "", r.sentinel.sentinel_password or ""]
+    for acc in cfg.accounts.values():  # a third-party platform's message keys (kind: component)
+        found += [acc.msg_token, acc.aes_key, acc.previous_aes_key]
     for src in cfg.sources.values():
         for part in (src.args, src.json or {}, src.force):
             found += _secret_values(part)

@@ -34,6 +34,7 @@ from server.ops.events import Subscriber
 from server.ops.quota import DailyCalls
 from server.ops.readiness import Readiness
 from server.ops.webhooks import SHUTDOWN_WAIT, Webhooks
+from server.platform.service import Platforms
 from server.ratelimit import SharedLimit
 from server.refresher import Refresher
 from server.sources import Source
@@ -72,6 +73,8 @@ class Service:
     face: Face | None
     embedded: EmbeddedRedis | None
     url: str | None
+    #: third-party platforms (server.platform; None: no kind: component account)
+    platforms: Platforms | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     webhooks: Webhooks | None = None  # server.ops.webhooks; None only for a Service built by hand
 
@@ -90,6 +93,7 @@ class Service:
         upstream: Upstream | None = None
         subscriber: Subscriber | None = None
         webhooks: Webhooks | None = None
+        platforms: Platforms | None = None
         try:
             accounts = Accounts.from_config(cfg)
             store = Store(build_redis(cfg.redis, url), cfg.redis.prefix, instance=f"{socket.gethostname()}:{os.getpid()}",
@@ -97,6 +101,10 @@ class Service:
             await check_redis(store, cfg, url)
             upstream = Upstream(cfg.refresh.timeout)
             sources = {name: Source(src) for name, src in cfg.sources.items()}
+            # --- third-party platforms (server.platform): component-token sources that carry the verify ticket ---
+            platforms = Platforms.build(cfg, store, sources)
+            if platforms is not None:
+                await platforms.load()
             calls = DailyCalls(store.redis, cfg.redis.prefix, {name: src.daily_quota for name, src in cfg.sources.items()})
             refresher = Refresher(sources, store, upstream, cfg.refresh, calls=calls)
             subscriber = Subscriber(store.redis, store.channel)
@@ -113,14 +121,20 @@ class Service:
             started = time.monotonic()
             await refresher.start()
             logger.info("first refresh pass done in %.2fs: %s", time.monotonic() - started, summary(refresher))
+            if platforms is not None:
+                platforms.start(refresher)  # the authorizers' schedule (server.platform)
             limits_redis = build_redis(cfg.redis, url, max_connections=LIMITS_CONNECTIONS)
             auth = Authenticator(cfg, *shared_limits(limits_redis, cfg))
             face = Face.build(refresher, accounts, cfg.refresh.overlap) if cfg.face else None
             return cls(
-                cfg, store, limits_redis, upstream, refresher, auth, accounts, ActiveRequests(), calls, Readiness(store, refresher),
+                cfg, store, limits_redis, upstream, refresher, auth, accounts, ActiveRequests(), calls, Readiness(store, refresher, explain=platforms.explain if platforms is not None else None),
                 subscriber, public_limits(limits_redis, cfg.redis.prefix, accounts), face, embedded, url, webhooks=webhooks,
+                platforms=platforms,
             )
         except BaseException:
+            if platforms is not None:
+                platforms.stop()
+                platforms.close()
             if webhooks is not None:
                 await webhooks.stop(0)
             if subscriber is not None:
@@ -160,9 +174,13 @@ class Service:
         """Stop refreshing; in-flight requests and fetches get ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         self.refresher.stop()  # no new ticks or retries
+        if self.platforms is not None:
+            self.platforms.stop()  # no new claims of authorizers
         if not await self.active.wait_idle(timeout):
             logger.warning("shutdown: %d requests still open after %.0fs; closing them", len(self.active.handlers), timeout)
         await self.refresher.drain(max(0.1, deadline - time.monotonic()))  # releases held locks
+        if self.platforms is not None:
+            await self.platforms.drain(max(0.1, deadline - time.monotonic()))  # unfinished claims expire by themselves
         await self.calls.drain(1.0)  # the last calls' counts, while Redis is still open
         if self.webhooks is not None:  # POSTs under way get a bounded wait, then are dropped (server.ops.webhooks)
             await self.webhooks.stop(min(SHUTDOWN_WAIT, max(0.5, deadline - time.monotonic())))
@@ -177,6 +195,8 @@ class Service:
         self.upstream.close()
         if self.face is not None:
             self.face.close()
+        if self.platforms is not None:
+            self.platforms.close()
         if self.embedded is not None:
             self.embedded.stop()
 

@@ -104,6 +104,12 @@ class Source:
             data = b"{}"
         return UpstreamRequest(cfg.method, url, data, self.safe_url)
 
+    def waiting(self) -> str | None:
+        """Why this source cannot be fetched yet although its dependencies can (None: it
+        can).  Every configured source can; a platform's component_access_token waits for
+        its first verify ticket (server.platform.tickets), which no source provides."""
+        return None
+
     def rotates(self, force: bool) -> bool:
         """Whether a call issues a new value and retires all but the one before it (so a
         lost answer may leave the stored value WeChat's "previous"): the classic

@@ -198,10 +198,7 @@ class ProxyHandler(FaceHandler):
         self._chunks = []
         source = self.account.sources[TOKEN]
         if self.token_used is not None:
-            try:
-                self.token_used = (await self.refresher.current(source)).value
-            except Unavailable as e:
-                raise WeChatError(SYSTEM_ERROR, "face: account %s has no valid token: %s", self.account.name, e) from None
+            self.token_used = await self.current_token(source)
         resp = await self.send(body)
         errcode = stale_errcode(resp) if self.token_used is not None else None
         if errcode is not None:
@@ -212,9 +209,22 @@ class ProxyHandler(FaceHandler):
                 if stale_errcode(resp) is not None:
                     # Rotating again would not help, and an SDK that retries on its own
                     # would make the instances rotate on every retry.
-                    await self.refresher.note_rejected_after_rotation(source, fresh)
+                    await self.note_rejected(source, fresh)
                     logger.warning("face: account %s %s: WeChat rejects the token just rotated in too; passing its answer back", self.account.name, self.request.path)
         self.relay(resp)
+
+    # current_token, rotate and note_rejected are where a third-party platform's authorizer
+    # tokens (server.platform.handlers) differ from an account's: they are not the refresher's.
+
+    async def current_token(self, source: str) -> str:
+        """The token to put in the call: the account's current value (WeChat's -1 without one)."""
+        try:
+            return (await self.refresher.current(source)).value
+        except Unavailable as e:
+            raise WeChatError(SYSTEM_ERROR, "face: account %s has no valid token: %s", self.account.name, e) from None
+
+    async def note_rejected(self, source: str, fresh: str) -> None:
+        await self.refresher.note_rejected_after_rotation(source, fresh)
 
     async def rotate(self, source: str, errcode: int) -> str | None:
         """One compare-and-refresh of the token used; the new value, or None when there is

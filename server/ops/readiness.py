@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -33,10 +34,14 @@ PING_TIMEOUT = 0.5
 class Readiness:
     """The readiness check over the store and the refresher's per-source state."""
 
-    def __init__(self, store: Store, refresher: Refresher, timeout: float = PING_TIMEOUT) -> None:
+    def __init__(
+        self, store: Store, refresher: Refresher, timeout: float = PING_TIMEOUT, explain: Callable[[], dict[str, str]] | None = None
+    ) -> None:
         self.store = store
         self.refresher = refresher
         self.timeout = timeout
+        #: sources whose "no valid value" has a better reason (a platform waiting for its verify ticket)
+        self.explain = explain
         self._ping: asyncio.Future[bool] | None = None  # the PING under way, shared by concurrent probes
         self._last: tuple[str, ...] | None = None  # the problems last reported, to log changes only
 
@@ -48,6 +53,8 @@ class Readiness:
         "sources": {NAME: reason}}`` naming each source without a valid value."""
         redis_ok = await self._redis_answers()
         sources = self.source_problems()
+        if self.explain is not None:
+            sources.update({n: why for n, why in self.explain().items() if n in sources})
         problems = (() if redis_ok else ("redis unreachable",)) + tuple(f"{n}: {why}" for n, why in sources.items())
         self._log_change(problems)
         if not problems:

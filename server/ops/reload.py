@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 #: request arguments that carry a credential, not the identity of what is fetched
 _SECRET_ARGS = frozenset({"secret", "corpsecret", "appsecret", "component_appsecret"})
 #: config sections a running process keeps until a restart
-_RESTART_ONLY = ("redis", "refresh", "logging", "face")
+_RESTART_ONLY = ("redis", "refresh", "logging", "face", "platform")
 _SERVER_RESTART_ONLY = ("host", "port", "header_timeout", "shutdown_timeout")
 
 
@@ -69,6 +69,11 @@ def check_reloadable(old: Config, new: Config) -> list[str]:
                 f"sources.{name}: its request now names another account or endpoint; the value stored under this name "
                 "belongs to the old one: give the new one another name (or restart after deleting the old keys)"
             )
+    platforms = {n for n, a in old.accounts.items() if a.kind == "component"} | {n for n, a in new.accounts.items() if a.kind == "component"}
+    for name in sorted(platforms):
+        if old.accounts.get(name) != new.accounts.get(name):
+            raise ConfigError(f"accounts.{name}: a third-party platform (kind: component) is added, removed or changed by a restart, "
+                              "not a reload: its verify ticket and authorizers' schedule are built at start")
     added = {_identity(new.sources[n]): n for n in new.sources.keys() - old.sources.keys()}
     for name in old.sources.keys() - new.sources.keys():
         renamed = added.get(_identity(old.sources[name]))

@@ -16,8 +16,9 @@ from server.sandbox.ledger import Ledger
 
 CALLBACK_IPS = ("101.226.103.0/25", "101.226.62.0/26", "101.226.233.128/25",
                 "58.247.206.128/25", "182.254.86.128/25")
-ANY_KIND = frozenset({"token", "stable", "corp"})
-ACCOUNT_KINDS = frozenset({"token", "stable"})  # official accounts and mini programs
+# "authorizer": a third-party platform's token for an account that authorised it (component)
+ANY_KIND = frozenset({"token", "stable", "corp", "authorizer"})
+ACCOUNT_KINDS = frozenset({"token", "stable", "authorizer"})  # official accounts and mini programs
 # Temporary media limits (bytes) by type, from WeChat's media/upload documentation.
 MEDIA_LIMITS = {"image": 10 * 1024 * 1024, "voice": 2 * 1024 * 1024,
                 "video": 10 * 1024 * 1024, "thumb": 64 * 1024}

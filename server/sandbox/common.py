@@ -29,10 +29,14 @@ AGENT_TICKET_PATH = "/cgi-bin/ticket/get"  # WeCom: ?type=agent_config, for wx.a
 MESSAGE_SEND_PATH = "/cgi-bin/message/custom/send"
 MEDIA_UPLOAD_PATH = "/cgi-bin/media/upload"
 SNS_OAUTH_PATH = "/sns/oauth2/access_token"
+# Third-party platforms (server.sandbox.component)
+COMPONENT_TOKEN_PATH = "/cgi-bin/component/api_component_token"
+QUERY_AUTH_PATH = "/cgi-bin/component/api_query_auth"
+AUTHORIZER_TOKEN_PATH = "/cgi-bin/component/api_authorizer_token"
 API_PATHS = (TOKEN_PATH, STABLE_TOKEN_PATH, TICKET_PATH, CALLBACK_IP_PATH,
              CORP_TOKEN_PATH, QUOTA_GET_PATH, CLEAR_QUOTA_PATH,
              CORP_JSAPI_TICKET_PATH, AGENT_TICKET_PATH, MESSAGE_SEND_PATH, MEDIA_UPLOAD_PATH,
-             SNS_OAUTH_PATH)
+             SNS_OAUTH_PATH, COMPONENT_TOKEN_PATH, QUERY_AUTH_PATH, AUTHORIZER_TOKEN_PATH)
 
 FAULT_KINDS = frozenset({"busy", "errcode", "http_error", "garbage", "missing_field", "hang"})
 

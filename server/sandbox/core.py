@@ -27,6 +27,14 @@ from server.sandbox.common import (
     json_object,
     rid,
 )
+from server.sandbox.component import (
+    DEFAULT_AES_KEY,
+    DEFAULT_COMPONENT_APPID,
+    DEFAULT_COMPONENT_SECRET,
+    DEFAULT_MSG_TOKEN,
+    Component,
+    ComponentApp,
+)
 from server.sandbox.control import Fault, Faults, RecordedCall, new_records
 from server.sandbox.ledger import Ledger
 from server.sandbox.wecom import AGENT_TICKET_HOURLY_LIMIT, CORP_TICKET_HOURLY_LIMIT, WeCom
@@ -37,7 +45,8 @@ STABLE_ROTATE_AHEAD = 300.0  # seconds before expiry at which WeChat renews a st
 FORCE_REFRESH_DAILY_LIMIT = 20
 FORCE_REFRESH_MIN_SPACING = 30.0  # seconds
 CLEAR_QUOTA_MONTHLY_LIMIT = 10
-ACCOUNT_KINDS = frozenset({"token", "stable"})
+# "authorizer": a platform's token for an account that authorised it (server.sandbox.component)
+ACCOUNT_KINDS = frozenset({"token", "stable", "authorizer"})
 
 
 class Sandbox:
@@ -59,6 +68,7 @@ class Sandbox:
                  ip_whitelist: list[str] | None = None,
                  corp_ticket_hourly: int = CORP_TICKET_HOURLY_LIMIT,
                  agent_ticket_hourly: int = AGENT_TICKET_HOURLY_LIMIT,
+                 components: dict[str, ComponentApp] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.apps = dict(apps) if apps is not None else {DEFAULT_APPID: DEFAULT_APPSECRET}
         self.corps = dict(corps) if corps is not None else {DEFAULT_CORPID: DEFAULT_CORPSECRET}
@@ -73,6 +83,10 @@ class Sandbox:
                            corp_ticket_hourly=corp_ticket_hourly,
                            agent_ticket_hourly=agent_ticket_hourly)
         self.business = Business(self.ledger, self.apps)
+        # Third-party platforms: component appid -> ComponentApp (one default platform).
+        self.component = Component(self.ledger, dict(components) if components is not None else {
+            DEFAULT_COMPONENT_APPID: ComponentApp(DEFAULT_COMPONENT_SECRET, DEFAULT_MSG_TOKEN, DEFAULT_AES_KEY)},
+            lambda ip: self._ip_allowed(ip))
         # Parsed once so that a typo in a test's whitelist fails at construction, not per call.
         self._whitelist = (None if ip_whitelist is None else
                           tuple(ipaddress.ip_network(n, strict=False) for n in ip_whitelist))
@@ -138,6 +152,7 @@ class Sandbox:
         self.ledger.reset()
         self.wecom.reset()
         self.business.reset()
+        self.component.reset()
         self._quota_used.clear()
         self._forced.clear()
         self._clears.clear()

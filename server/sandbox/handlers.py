@@ -363,6 +363,10 @@ def make_app(sandbox: Sandbox) -> tornado.web.Application:
         ("/sandbox/token_status", TokenStatusHandler),
         ("/sandbox/requests", RequestsHandler),
     ]
+    # Third-party platforms: their own room (imported here: it builds on this module's handlers).
+    from server.sandbox.component_handlers import component_routes
+
+    routes += component_routes()
     args = {"sandbox": sandbox}
     return tornado.web.Application(
         [(path, handler, args) for path, handler in routes],

@@ -1,0 +1,277 @@
+"""Every configured platform, built from the config and run beside the refresher.
+
+``server.app`` calls, in order: :meth:`Platforms.build` (replaces each platform's
+component-token source by one that carries the verify ticket), :meth:`load` (the ticket Redis
+holds, before the refresher's first pass), :meth:`start` (the workers, after it),
+:meth:`routes` (the HTTP endpoints), then :meth:`stop`, :meth:`drain` and :meth:`close` on
+shutdown.  Handlers ask this object; it never lets them call WeChat themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from server.config import Config, PlatformConfig, RefreshConfig
+from server.platform import config as pconfig
+from server.platform import keys
+from server.platform.api import ComponentApi
+from server.platform.authorizers import AuthorizerStore, Value
+from server.platform.crypto import MessageCrypto
+from server.platform.events import Events, Receiver
+from server.platform.schedule import Schedule
+from server.platform.tickets import ComponentTokenSource, VerifyTickets
+from server.platform.worker import PlatformParts, Worker
+from server.refresher import Refresher
+from server.sources import Source
+from server.state import Unavailable
+from server.store import Store
+from server.upstream import ErrorKind, UpstreamError
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a request for a ticket asked for the first time waits for its fetch.
+FIRST_TICKET_WAIT = 5.0
+#: How long an authorisation code stays claimed (WeChat's codes live an hour).
+CODE_CLAIM_SECONDS = 3600
+
+
+class NotFound(Exception):
+    """No platform has authorised this appid."""
+
+
+@dataclass
+class Platform:
+    parts: PlatformParts
+    crypto: MessageCrypto
+    worker: Worker | None = None
+
+
+class Platforms:
+    """See the module docstring."""
+
+    def __init__(self, store: Store, platforms: dict[str, Platform], cfg: PlatformConfig, refresh: RefreshConfig) -> None:
+        self.store = store
+        self.by_name = platforms
+        self.by_appid = {p.parts.appid: p for p in platforms.values()}
+        self.cfg = cfg
+        self.refresh = refresh
+        self.refresher: Refresher | None = None
+        self._located: dict[str, Platform] = {}  # authorizer appid -> its platform (found once)
+        self.events = Events(
+            store.redis, store.prefix,
+            {p.parts.appid: Receiver(p.parts.name, p.parts.appid, p.crypto, p.parts.tickets.store,
+                                     self._authorized_for(p), self._unauthorized_for(p)) for p in platforms.values()},
+            cfg.replay_window,
+        )
+
+    def __repr__(self) -> str:
+        return f"Platforms({', '.join(self.by_name)})"
+
+    @classmethod
+    def build(cls, cfg: Config, store: Store, sources: dict[str, Source]) -> Platforms | None:
+        """The platforms of ``cfg`` (None when there is none); ``sources`` gets each platform's
+        component-token source in place of the plain one."""
+        platforms = {}
+        for name, acc in cfg.accounts.items():
+            if acc.kind != pconfig.KIND:
+                continue
+            source_name = pconfig.source_name(name)
+            source = ComponentTokenSource(cfg.sources[source_name])
+            sources[source_name] = source
+            api_base = (acc.api_base or "https://api.weixin.qq.com").rstrip("/")
+            parts = PlatformParts(
+                name, acc.appid, source_name,
+                AuthorizerStore(store.redis, store.prefix, name), Schedule(store.redis, store.prefix, name),
+                VerifyTickets(store.redis, store.prefix, name, source), ComponentApi(api_base, acc.appid, cfg.refresh.timeout),
+            )
+            crypto = MessageCrypto(acc.msg_token, acc.appid, [k for k in (acc.aes_key, acc.previous_aes_key) if k])
+            platforms[name] = Platform(parts, crypto)
+        return cls(store, platforms, cfg.platform, cfg.refresh) if platforms else None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Take the verify tickets Redis holds (before the refresher's first pass)."""
+        for p in self.by_name.values():
+            try:
+                await p.parts.tickets.sync()
+            except RedisError:
+                pass
+
+    def start(self, refresher: Refresher) -> None:
+        self.refresher = refresher
+        for p in self.by_name.values():
+            p.worker = Worker(p.parts, refresher, self.cfg, self.refresh)
+            p.worker.start()
+
+    def stop(self) -> None:
+        for p in self.by_name.values():
+            if p.worker is not None:
+                p.worker.stop()
+
+    async def drain(self, timeout: float) -> None:
+        await asyncio.gather(*(p.worker.drain(timeout) for p in self.by_name.values() if p.worker is not None))
+
+    def close(self) -> None:
+        for p in self.by_name.values():
+            p.parts.api.close()
+
+    # --- authorisations --------------------------------------------------------------------
+
+    def _authorized_for(self, p: Platform) -> Any:
+        async def authorized(authorizer: str, code: str) -> None:
+            await self.authorize(p, code, expect=authorizer)
+        return authorized
+
+    def _unauthorized_for(self, p: Platform) -> Any:
+        async def unauthorized(authorizer: str) -> None:
+            await self.unauthorize(p, authorizer)
+        return unauthorized
+
+    def _worker(self, p: Platform) -> Worker:
+        assert p.worker is not None and self.refresher is not None, "Platforms.start() first"
+        return p.worker
+
+    async def authorize(self, p: Platform, code: str, expect: str | None = None) -> str | None:
+        """Exchange an authorisation code once, across instances; the authorizer's appid, or
+        None when the code was already claimed (exchanged, or being exchanged elsewhere).
+        Raises Unavailable (no component token) or UpstreamError; the claim is then given
+        back so a retry can exchange the code."""
+        worker = self._worker(p)
+        assert self.refresher is not None
+        claim = keys.code_claim(self.store.prefix, p.parts.name, code)
+        if not await self.store.redis.set(claim, "1", nx=True, ex=CODE_CLAIM_SECONDS):
+            logger.info("platform %s: authorisation code already exchanged (or being exchanged); nothing done", p.parts.name)
+            return None
+        try:
+            component = await self.refresher.current(p.parts.source)
+            clock = await self.store.redis.time()
+            version = int(clock[0]) * 1_000_000 + int(clock[1])
+            info = await p.parts.api.query_auth(component.value, code)
+            appid, token = info.get("authorizer_appid"), info.get("authorizer_access_token")
+            refresh, expires_in = info.get("authorizer_refresh_token"), info.get("expires_in")
+            if not (isinstance(appid, str) and isinstance(token, str) and isinstance(refresh, str) and isinstance(expires_in, (int, float))):
+                raise UpstreamError(ErrorKind.TRANSIENT, "api_query_auth answer lacks a field")
+        except BaseException:
+            try:
+                await self.store.redis.delete(claim)
+            except RedisError:
+                pass
+            raise
+        if expect and appid != expect:
+            logger.warning("platform %s: the code of authorizer %s was issued to %s", p.parts.name, expect, appid)
+        life = min(float(expires_in), self.refresh.max_ttl)
+        await p.parts.store.save(appid, token, life, version, refresh, authorisation=True)
+        await p.parts.schedule.add(appid, worker.due_in(life))
+        await p.parts.schedule.note_blocked(appid, False)
+        self._located[appid] = p
+        logger.info("platform %s: authorizer %s authorised; token %s... stored, life %.0fs", p.parts.name, appid, token[:6], life)
+        return appid
+
+    async def unauthorize(self, p: Platform, appid: str) -> None:
+        await p.parts.schedule.remove(appid, keys.ticket_member(appid))
+        await p.parts.schedule.note_blocked(appid, False)
+        await p.parts.store.remove(appid)
+        logger.warning("platform %s: authorizer %s withdrew its authorisation: no more refreshes, its token removed", p.parts.name, appid)
+
+    # --- reads -----------------------------------------------------------------------------
+
+    async def locate(self, appid: str) -> Platform | None:
+        """The platform an authorizer appid belongs to (its state in Redis), or None."""
+        found = self._located.get(appid)
+        if found is not None:
+            return found
+        for p in self.by_name.values():
+            if await p.parts.store.state(appid):
+                if len(self._located) < 100_000:
+                    self._located[appid] = p
+                return p
+        return None
+
+    async def token(self, p: Platform, appid: str) -> Value:
+        """The authorizer's current token; Unavailable (with why) when there is none."""
+        value = await p.parts.store.token(appid)
+        if value is not None:
+            return value
+        raise Unavailable(await self._why(p, appid))
+
+    async def ticket(self, p: Platform, appid: str) -> Value:
+        """The authorizer's jsapi ticket, fetched the first time someone asks (then kept fresh)."""
+        value = await p.parts.store.ticket(appid)
+        if value is not None:
+            return value
+        await self._worker(p).fetch_now(keys.ticket_member(appid), create=True, wait=FIRST_TICKET_WAIT)
+        value = await p.parts.store.ticket(appid)
+        if value is None:
+            raise Unavailable(f"authorizer {appid}: no jsapi ticket yet ({await self._why(p, appid, 'its ticket could not be fetched')})")
+        return value
+
+    async def refresh_if_current(self, p: Platform, appid: str, old: str) -> str | None:
+        """WeChat rejected ``old``: refresh the authorizer's token if ``old`` is still the
+        current one (once, across instances); the token to retry with, or None."""
+        current = await p.parts.store.token(appid)
+        if current is not None and current.value != old:
+            return current.value
+        await self._worker(p).fetch_now(appid, create=False, wait=self.refresh.timeout + 1)
+        current = await p.parts.store.token(appid)
+        return current.value if current is not None and current.value != old else None
+
+    async def owner_of(self, token: str) -> tuple[Platform, str] | None:
+        for p in self.by_name.values():
+            appid = await p.parts.store.owner_of(token)
+            if appid is not None:
+                return p, appid
+        return None
+
+    async def _why(self, p: Platform, appid: str, default: str = "no valid token") -> str:
+        state = await p.parts.store.state(appid)
+        if state.get("state") == "blocked":
+            return f"authorizer {appid} is blocked: errcode {state.get('errcode')}; the merchant must authorise the platform again"
+        if state.get("state") == "unauthorized":
+            return f"authorizer {appid} withdrew its authorisation"
+        return f"authorizer {appid}: {default}"
+
+    # --- operators -------------------------------------------------------------------------
+
+    def explain(self) -> dict[str, str]:
+        """/readyz: component-token sources waiting for their first verify ticket."""
+        out = {}
+        for p in self.by_name.values():
+            source = p.parts.tickets.source
+            if (why := source.waiting()) is not None:
+                out[p.parts.source] = why
+        return out
+
+    async def status(self, p: Platform, offset: int, count: int) -> dict[str, Any]:
+        """A summary and one page of authorizers by due time (no token, no refresh token)."""
+        counts = await p.parts.schedule.counts()
+        page = await p.parts.schedule.page(offset, count)
+        clock = await self.store.redis.time()
+        now_ms = int(clock[0]) * 1000 + int(clock[1]) // 1000
+        rows = []
+        for member, due in page:
+            appid, is_ticket = keys.split_member(member)
+            state = await p.parts.store.state(appid)
+            rows.append({"appid": appid, "what": "jsapi_ticket" if is_ticket else "access_token",
+                         "due_in": round((due - now_ms) / 1000, 1), "state": state.get("state", ""),
+                         "failures": int(state.get("failures") or 0)})
+        blocked = []
+        for appid in await p.parts.schedule.blocked(100):
+            state = await p.parts.store.state(appid)
+            blocked.append({"appid": appid, "errcode": int(state.get("errcode") or 0)})
+        worker = p.worker
+        return {
+            "platform": p.parts.name, "appid": p.parts.appid,
+            "verify_ticket": "held" if p.parts.tickets.source.has_ticket() else "waiting",
+            **counts,
+            "this_instance": {"rotations": worker.rotations if worker else 0, "peak_in_flight": worker.peak_in_flight if worker else 0,
+                              "upstream_calls": dict(p.parts.api.calls), "at": time.time()},
+            "offset": offset, "authorizers": rows,
+            "blocked_authorizers": blocked,  # at most 100; the merchant must authorise again
+        }

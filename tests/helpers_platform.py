@@ -1,0 +1,49 @@
+"""What the platform tests share: a config with the sandbox's default platform, pushes, waits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from server.sandbox import Sandbox
+from server.sandbox.common import AUTHORIZER_TOKEN_PATH, COMPONENT_TOKEN_PATH, QUERY_AUTH_PATH
+from server.sandbox.component import (
+    DEFAULT_AES_KEY,
+    DEFAULT_COMPONENT_APPID,
+    DEFAULT_COMPONENT_SECRET,
+    DEFAULT_MSG_TOKEN,
+)
+from server.sandbox.component_handlers import push
+
+__all__ = ["AUTHORIZER_TOKEN_PATH", "COMPONENT_TOKEN_PATH", "QUERY_AUTH_PATH", "platform_sections", "push_event", "wait_for"]
+
+
+def platform_sections(sandbox_url: str, **platform: Any) -> dict[str, Any]:
+    """Config sections: the sandbox's default platform as ``myplatform``, a fast schedule."""
+    return {
+        "accounts": {"myplatform": {
+            "kind": "component", "appid": DEFAULT_COMPONENT_APPID, "secret": DEFAULT_COMPONENT_SECRET,
+            "msg_token": DEFAULT_MSG_TOKEN, "aes_key": DEFAULT_AES_KEY, "api_base": sandbox_url}},
+        "platform": {"tick": 0.2, "batch": 50, "concurrency": 10, "lease": 10, **platform},
+    }
+
+
+async def push_event(sandbox: Sandbox, port: int, info_type: str, **fields: Any) -> tuple[int, str]:
+    """WeChat's push of one event to the server on ``port`` (authorized: a code is made)."""
+    if info_type in ("authorized", "updateauthorized") and "code" not in fields:
+        fields["code"] = sandbox.component.authorize(DEFAULT_COMPONENT_APPID, fields["authorizer"])
+    return await push(sandbox.component, f"http://127.0.0.1:{port}/wechat/component/events", DEFAULT_COMPONENT_APPID, info_type, **fields)
+
+
+async def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
