@@ -34,6 +34,7 @@ from server.handlers import NotFoundHandler, log_request
 from server.listener import GuardedHTTPServer
 from server.ops.reload import ConfigFile, Reloader
 from server.platform.handlers import platform_routes, take_proxy
+from server.platform.service import Platforms
 from server.refresher import Refresher
 from server.service import LIMITS_CONNECTIONS, Service, StartupError, shared_limits
 from server.store import Store
@@ -100,6 +101,10 @@ class Running:
     @property
     def embedded(self) -> EmbeddedRedis | None:
         return self.service.embedded
+
+    @property
+    def platforms(self) -> Platforms | None:
+        return self.service.platforms
 
 
 async def start(cfg: Config, config_file: ConfigFile | None = None, sockets: list[socket.socket] | None = None) -> Running:
