@@ -390,6 +390,12 @@ class ClusterClient(RedisCluster):
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
+            if self._initialize:
+                # redis-py 8.1 chooses how to route a command before it reads the slot map: a
+                # burst of commands while the map is (re)read goes to arbitrary nodes, and the
+                # MOVED answers make it close every connection, in-use ones included (the
+                # commands then fail with AttributeError).  Read the map first (once: locked).
+                await self.initialize()
             return await super().execute_command(*args, **kwargs)
         except RedisClusterException as e:
             raise ClusterError(f"{type(e).__name__}: {e}") from e

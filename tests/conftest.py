@@ -145,6 +145,25 @@ def find_redis_cli() -> str:
     return path
 
 
+def cluster_port() -> int:
+    """A free port for a cluster node whose bus port (port + 10000) is free too.  Redis refuses
+    ports above 55535; these come from below the kernel's ephemeral range (32768 up), so no
+    client connection takes one meanwhile."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randrange(20000, 30000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise AssertionError("no free port pair for a cluster node")
+
+
 class RedisClusterProcs:
     """A real Redis Cluster on 127.0.0.1: ``masters`` masters with one replica each, every node
     a ``redis-server --cluster-enabled yes`` child process with its files in ``base_dir``, joined
@@ -158,7 +177,7 @@ class RedisClusterProcs:
         binary = find_redis_server()
         extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                  "--cluster-node-timeout", str(node_timeout_ms), *debug_command_args(binary)]
-        self.nodes = [EmbeddedRedis(os.path.join(base_dir, f"node{i}"), persistent=False, binary=binary, extra_args=extra)
+        self.nodes = [EmbeddedRedis(os.path.join(base_dir, f"node{i}"), cluster_port(), persistent=False, binary=binary, extra_args=extra)
                       for i in range(2 * masters)]
 
     @property
