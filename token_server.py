@@ -151,23 +151,28 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     if args.demo:
         return run(run_demo(args.port or 12123))
+    def read(path: str) -> Config:
+        cfg = load_config(path)
+        if args.port is not None:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=args.port))
+        return cfg
+
     try:
-        cfg: Config = load_config(args.config)
+        cfg: Config = read(args.config)
         setup_logging(args.log_level, cfg, to_file=not args.check)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    if args.port is not None:
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=args.port))
     if args.check:
         accounts = f"{len(cfg.accounts)} accounts ({', '.join(cfg.accounts)}), " if cfg.accounts else ""
         print(f"config OK: {accounts}{len(cfg.sources)} sources ({', '.join(cfg.sources)})")
         return 0
     from server.app import serve
+    from server.ops.reload import ConfigFile
 
-    return run(serve(cfg))
+    return run(serve(cfg, config_file=ConfigFile(os.path.abspath(args.config), read)))
 
 
 def run(main_coroutine: Coroutine[Any, Any, int]) -> int:

@@ -90,6 +90,13 @@ class Accounts:
     """The configured accounts, by name and by appid (see the module docstring)."""
 
     def __init__(self, accounts: Iterable[Account]) -> None:
+        self._index(accounts)
+
+    def replace(self, other: Accounts) -> None:
+        """Take ``other``'s accounts (a reload): every holder of this object sees them."""
+        self._index(other.by_name.values())
+
+    def _index(self, accounts: Iterable[Account]) -> None:
         self.by_name = {a.name: a for a in accounts}
         self.default = next((a for a in self.by_name.values() if a.default), None)
         by_appid: dict[str, list[Account]] = {}

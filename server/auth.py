@@ -92,10 +92,15 @@ class Principal:
         return self.sources is None or source in self.sources
 
     @property
+    def is_operator(self) -> bool:
+        """Proved by ``server.secret`` itself (a JWT may carry any ``sub``)."""
+        return self.name == OPERATOR and self.via == "secret"
+
+    @property
     def may_read_metrics(self) -> bool:
         """``/metrics`` shows every source, so a scope cannot filter it: the operator (by
         the secret, not the name: a JWT may carry any ``sub``) or a client given it."""
-        return self.metrics or (self.name == OPERATOR and self.via == "secret")
+        return self.metrics or self.is_operator
 
 
 def parse_ip(text: str | None) -> IPAddress | None:
@@ -160,6 +165,18 @@ class Authenticator:
     shared limits (failed authentications per IP, forced refreshes per client and source)."""
 
     def __init__(self, cfg: Config, failures: SharedLimit, forced: SharedLimit) -> None:
+        self.failures = failures
+        self.forced = forced
+        self._configure(cfg)
+
+    def reconfigure(self, cfg: Config) -> None:
+        """A reloaded config: secrets, clients, JWT keys, IP rules and the two limits' rates
+        apply from the next request (the limits' counts so far stay)."""
+        self.failures.set_rate(cfg.server.auth_failures_per_minute)
+        self.forced.set_rate(cfg.server.forcerefresh_per_minute)
+        self._configure(cfg)
+
+    def _configure(self, cfg: Config) -> None:
         # Digests, not the secrets: equal-length inputs for compare_digest, and a repr
         # or a heap dump of this object shows no secret.
         self._secrets: list[tuple[bytes, Principal]] = [(_digest(cfg.server.secret), Principal(OPERATOR))]
@@ -173,8 +190,6 @@ class Authenticator:
         self._allow = _networks(cfg.server.allow_ips)
         self._trusted = _networks(cfg.server.trusted_proxies)
         self._probes = _networks(cfg.server.probe_ips)
-        self.failures = failures
-        self.forced = forced
         #: masks configured secrets in texts that came from upstream (see server.redact)
         self.redact = Redactor(config_secrets(cfg))
 

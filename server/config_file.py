@@ -17,7 +17,7 @@ import re
 import stat
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Union
 
 import yaml
@@ -221,11 +221,21 @@ def parse_config(text: str, env: Mapping[str, str], source: str = "config") -> C
         raise ConfigError(f"{source}: nested too deeply to be a config") from None
     if raw is None:
         raw = {}
+    return _from_raw(raw, source, lambda r: _expand(r, refs, env))
+
+
+def config_from_dict(raw: Any, source: str = "config") -> Config:
+    """Build a validated Config from a mapping shaped like the YAML file (an application
+    embedding the service, see server.embed).  Values are taken as they are: no ``${ENV}``."""
+    return _from_raw(raw, source, lambda r: r)
+
+
+def _from_raw(raw: Any, source: str, expand_env: Callable[[Any], Any]) -> Config:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: the config must be a YAML mapping of sections (server, redis, refresh, sources)")
     _check_indentation_slips(raw)
     try:
-        cfg = _build(Config, _expand(raw, refs, env), "")
+        cfg = _build(Config, expand_env(raw), "")
     except RecursionError:
         raise ConfigError(f"{source}: nested too deeply to be a config") from None
     # Accounts are a shorthand: they become ordinary sources (and client scopes) first.

@@ -88,6 +88,10 @@ class SharedLimit:
         self._redis_down_logged = False
         self._skip_redis_until = 0.0  # monotonic
 
+
+    def set_rate(self, per_minute: int) -> None:
+        """A reloaded limit: counts so far stay, the next check uses the new rate."""
+        self.item = RateLimitItemPerMinute(per_minute)
     def __repr__(self) -> str:
         return f"SharedLimit({self.name}, {self.item})"
 

@@ -88,11 +88,16 @@ class Redactor:
     def __init__(self, secrets: Iterable[str]) -> None:
         values = sorted({s for s in secrets if len(s) >= MIN_MASKED_LENGTH}, key=len, reverse=True)
         self._count = len(values)
+        self._values = tuple(values)
         # One alternation, longest first, so a secret containing another is masked whole.
         self._secrets = re.compile("|".join(map(re.escape, values))) if values else None
 
     def __repr__(self) -> str:
         return f"Redactor({self._count} secrets)"
+
+    def adding(self, secrets: Iterable[str]) -> Redactor:
+        """A redactor masking these secrets as well (a reload keeps masking the old ones)."""
+        return Redactor([*self._values, *secrets])
 
     def __call__(self, text: str) -> str:
         if self._secrets is not None:
@@ -128,6 +133,18 @@ class RedactFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = self.redact(record.stack_info)
         return True
+
+
+def extend(cfg: Config, logger: logging.Logger | None = None) -> int:
+    """Make every RedactFilter on ``logger``'s handlers (default: root) mask ``cfg``'s
+    secrets too (a reloaded config); returns how many filters were extended."""
+    found = 0
+    for handler in (logger or logging.getLogger()).handlers:
+        for flt in handler.filters:
+            if isinstance(flt, RedactFilter):
+                flt.redact = flt.redact.adding(config_secrets(cfg))
+                found += 1
+    return found
 
 
 def install(cfg: Config, logger: logging.Logger | None = None) -> RedactFilter:

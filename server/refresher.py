@@ -80,7 +80,10 @@ class Refresher:
         metrics: Metrics | None = None,
         calls: CallCounter | None = None,
     ) -> None:
-        self.sources = dict(sources)  # in dependency order
+        self.sources = dict(sources)  # in dependency order: the ones scheduled and served
+        # What the fetcher may still be asked about: the sources, plus those a reload removed
+        # while a fetch of theirs was under way (see reconfigure).
+        self._known = dict(sources)
         self.store = store
         self.upstream = upstream
         self.cfg = cfg
@@ -93,7 +96,7 @@ class Refresher:
         self._stopping = False
         self._tasks: set[asyncio.Future[Any]] = set()  # ticks, retries, wake-ups under way
         self.mirror = Mirror(store, self.states, self._announced_block)
-        self.fetcher = Fetcher(self.sources, store, upstream, self.mirror, self.states, cfg, self.metrics, self, self.calls)
+        self.fetcher = Fetcher(self._known, store, upstream, self.mirror, self.states, cfg, self.metrics, self, self.calls)
         self._watch: PeriodicCallback | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -136,6 +139,41 @@ class Refresher:
         if pending:
             await asyncio.wait(pending, timeout=2)
 
+    async def reconfigure(self, sources: Mapping[str, Source]) -> tuple[list[str], list[str]]:
+        """Take a reloaded set of sources (in dependency order); returns (added, removed).
+
+        Unchanged and changed sources keep their values and state: a changed request (a new
+        secret) is used at the next fetch, with no call now.  Removed ones stop being
+        scheduled and served at once; a fetch of theirs under way finishes (its value is
+        stored, as every fetched value must be) before their state is forgotten.  Their
+        Redis keys stay.  Added ones get their first fetch now, as at startup (a value
+        another instance already stored costs no call).
+        """
+        added = [n for n in sources if n not in self.sources]
+        removed = [n for n in self.sources if n not in sources]
+        retiring = {n: self._known[n] for n in removed}
+        # One step with no await: the scheduler and the handlers see the new set at once.
+        self.sources.clear()
+        self.sources.update(sources)
+        self._known.update(sources)
+        for name in added:
+            self.states.setdefault(name, SourceState())
+        for name in removed:
+            flight = self.states[name].flight
+            if flight is not None and not flight.done():
+                await asyncio.wait([flight])
+            if name in self.sources:  # added back by a later reload meanwhile
+                continue
+            state = self.states.pop(name, None)
+            if state is not None and state.retry_handle is not None:
+                IOLoop.current().remove_timeout(state.retry_handle)
+            if self._known.get(name) is retiring[name]:
+                del self._known[name]
+        for name in added:
+            if name in self.sources:
+                await self._attempt(name, Want(retry_blocked=True))
+        return added, removed
+
     def _spawn(self, coro: Any) -> None:
         """Run ``coro`` in the background, tracked so drain() can wait for it."""
         task = asyncio.ensure_future(coro)
@@ -151,7 +189,9 @@ class Refresher:
         The first pass lifts blocks (a restart is the operator's "try again"): the next
         fetch, now or when the value falls due, says whether the source still fails.
         """
-        for name in self.sources:
+        for name in list(self.sources):
+            if name not in self.sources:
+                continue  # removed by a reload during this pass
             if first:
                 try:
                     if await self.store.clear_blocked(name):
@@ -384,7 +424,10 @@ class Refresher:
         state.retry_handle = IOLoop.current().call_later(delay, self._retry, name)
 
     def _retry(self, name: str) -> None:
-        self.states[name].retry_handle = None
+        state = self.states.get(name)
+        if state is None or name not in self.sources:
+            return  # removed by a reload
+        state.retry_handle = None
         if not self._stopping:
             self._spawn(self._attempt(name))
 
@@ -395,7 +438,7 @@ class Refresher:
         none configured).  No values: for /status and /metrics."""
         out = {}
         now = time.monotonic()
-        for name, s in self.states.items():
+        for name, s in list(self.states.items()):
             block = s.blocked(now)
             st = ("quota" if block.kind == "quota" else "blocked") if block else "backoff" if s.failures else "ok"
             calls_today, quota = self.calls.today(name)

@@ -82,6 +82,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,13 +129,16 @@ return s
 
 # KEYS[1] value, KEYS[2] meta, KEYS[3] backoff, KEYS[4] failures, KEYS[5] blocked, KEYS[6] lost
 # ARGV[1] value, ARGV[2] TTL in ms, ARGV[3] its version, ARGV[4] seconds since it was fetched,
-# ARGV[5] field, ARGV[6] 1 = put back
+# ARGV[5] field, ARGV[6] 1 = put back, ARGV[7] events channel, ARGV[8] the event's JSON
+# without its closing brace (see _event_head), ARGV[9] the same for an "unblocked" event
 # Stores the value if its version is above the stored one (fencing), or equal to it with no
 # value stored: a put-back of a value whose key alone was lost, or the fetch that follows a
 # drop (which raised the version by one, to at most the lease of the fetch under way; lease
 # versions are unique, so no other value can have it).  A fetched value, and a put-back
-# newer one, end any backoff or block the instances were following.  Returns 1, or 0 when
-# fenced out.
+# newer one, end any backoff or block the instances were following.  A new version (not a
+# put-back of the same one) is published as a "rotated" event, in the same script so that
+# exactly one message goes out per stored value whichever instance stored it.  Returns 1,
+# or 0 when fenced out.
 _WRITE_LUA = _NOW + """
 local current = tonumber(redis.call('HGET', KEYS[2], 'version') or '0') or 0
 local v = tonumber(ARGV[3])
@@ -142,11 +146,19 @@ if v < current or (v == current and redis.call('EXISTS', KEYS[1]) == 1) then
   return 0
 end
 local fetched = now - tonumber(ARGV[4])
+local expires = now + tonumber(ARGV[2]) / 1000
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], 'version', ARGV[3], 'fetched_at', string.format('%.6f', fetched),
-           'expires_at', string.format('%.6f', now + tonumber(ARGV[2]) / 1000), 'field', ARGV[5], 'same_until', 0)
+           'expires_at', string.format('%.6f', expires), 'field', ARGV[5], 'same_until', 0)
 if v > current or ARGV[6] ~= '1' then
+  local was_blocked = redis.call('EXISTS', KEYS[5]) == 1
   redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+  if was_blocked then
+    redis.call('PUBLISH', ARGV[7], ARGV[9] .. ', "version": ' .. ARGV[3] .. ', "expires_at": ' .. string.format('%.3f', expires) .. '}')
+  end
+end
+if v > current then
+  redis.call('PUBLISH', ARGV[7], ARGV[8] .. ', "version": ' .. ARGV[3] .. ', "expires_at": ' .. string.format('%.3f', expires) .. '}')
 end
 return 1
 """
@@ -177,7 +189,8 @@ end
 return 0
 """
 
-# KEYS[1] value key, KEYS[2] meta key; ARGV[1] value.  Deletes the value if it is still
+# KEYS[1] value key, KEYS[2] meta key; ARGV[1] value, ARGV[2] events channel, ARGV[3] a
+# "dropped" event's JSON without its closing brace.  Deletes the value if it is still
 # the stored one (WeChat rejected it) and raises the version by one, so no instance puts its
 # copy back and every instance stops serving it; every lease handed out since that value
 # was stored is at least that high, so the fetch under way still lands.
@@ -187,7 +200,9 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 redis.call('DEL', KEYS[1])
 local v = (tonumber(redis.call('HGET', KEYS[2], 'version') or '0') or 0) + 1
-redis.call('HSET', KEYS[2], 'version', string.format('%.0f', v))
+local s = string.format('%.0f', v)
+redis.call('HSET', KEYS[2], 'version', s)
+redis.call('PUBLISH', ARGV[2], ARGV[3] .. ', "version": ' .. s .. ', "expires_at": null}')
 return 1
 """
 
@@ -410,14 +425,19 @@ class ClusterClient(RedisCluster):
 
 
 class _ClusterPipeline(ClusterPipeline):
-    """A non-transactional cluster pipeline (split by node, one round trip to each) whose
-    failures are RedisErrors, as :class:`ClusterClient`'s."""
+    """A cluster pipeline (without MULTI: split by node, one round trip to each) whose failures
+    are RedisErrors, as :class:`ClusterClient`'s."""
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
         try:
             return await super().execute(raise_on_error, allow_redirections)
         except RedisClusterException as e:
             raise ClusterError(f"{type(e).__name__}: {e}") from e
+
+
+def events_channel(prefix: str) -> str:
+    """The Redis channel on which every stored change is published (see server.ops.events)."""
+    return prefix + "wechat-token:events"
 
 
 def build_redis(cfg: RedisConfig, url: str | None = None, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
@@ -469,11 +489,15 @@ def build_redis(cfg: RedisConfig, url: str | None = None, max_connections: int =
 class Store:
     """All Redis access.  Every method may raise redis.RedisError; callers decide the fallback."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str = "", instance: str = "") -> None:
+    def __init__(self, redis: aioredis.Redis, prefix: str = "", instance: str = "", owners: Mapping[str, str] | None = None) -> None:
         self.redis = redis
         self.prefix = prefix
         self.keys = Keys.of(redis, prefix)
         self.instance = instance  # shown as the lock holder (host:pid), never a secret
+        #: source -> the account it belongs to, named in events (a live reload replaces it)
+        self.owners: Mapping[str, str] = owners or {}
+        #: the Redis channel every stored change is announced on (see events_channel)
+        self.channel = events_channel(prefix)
         self._adopted: set[str] = set()  # cluster: sources whose plain layout was looked for
         self._read = redis.register_script(_READ_LUA)
         self._backoff = redis.register_script(_BACKOFF_LUA)
@@ -500,6 +524,23 @@ class Store:
 
     def _write_keys(self, name: str) -> list[str]:
         return [self.key(name), *(self.aux(name, part) for part in ("meta", "backoff", "failures", "blocked", "lost"))]
+
+    def _pipeline(self) -> Any:
+        """A pipeline of commands on one source's keys (one slot): a MULTI on a single Redis; on
+        a cluster a plain pipeline, one round trip to the slot's node (redis-py 8.1 runs each
+        command queued in a cluster MULTI through a thread and an event loop of its own)."""
+        return self.redis.pipeline(transaction=not self.keys.cluster)
+
+    def _event_head(self, event: str, name: str) -> str:
+        """An event's JSON without its closing brace: the scripts add ``version`` and
+        ``expires_at``, which only they know.  ``id`` is unique per message (receivers and
+        webhook deliveries de-duplicate on it); the value itself is never in an event."""
+        head = json.dumps({"event": event, "source": name, "account": self.owners.get(name), "id": secrets.token_hex(12)})
+        return head[:-1]
+
+    async def _announce(self, event: str, name: str, version: str | None) -> None:
+        """Publish an event about a change with no new value (``expires_at`` null)."""
+        await self.redis.publish(self.channel, self._event_head(event, name) + f', "version": {int(_number(version))}, "expires_at": null}}')
 
     async def close(self) -> None:
         # The pool was built by us (build_redis) and passed in: close its connections too.
@@ -585,7 +626,10 @@ class Store:
         return bool(
             await self._write(
                 keys=self._write_keys(name),
-                args=[entry.value, ttl_ms, str(entry.version), repr(max(0.0, entry.age())), entry.field, "1" if restore else "0"],
+                args=[
+                    entry.value, ttl_ms, str(entry.version), repr(max(0.0, entry.age())), entry.field, "1" if restore else "0",
+                    self.channel, self._event_head("rotated", name), self._event_head("unblocked", name),
+                ],
             )
         )
 
@@ -595,7 +639,7 @@ class Store:
 
     async def drop(self, name: str, value: str) -> bool:
         """Delete ``value`` if it is still stored (WeChat rejected it); True if deleted."""
-        return bool(await self._drop(keys=[self.key(name), self.aux(name, "meta")], args=[value]))
+        return bool(await self._drop(keys=[self.key(name), self.aux(name, "meta")], args=[value, self.channel, self._event_head("dropped", name)]))
 
     async def mark_same(self, name: str, value: str, for_seconds: float) -> bool:
         """Note that upstream confirmed the stored ``value``: no ordinary refresh for ``for_seconds``."""
@@ -603,14 +647,26 @@ class Store:
         return bool(await self._same(keys=keys, args=[value, repr(for_seconds)]))
 
     async def clear_blocked(self, name: str) -> bool:
-        """Lift the block every instance follows (a restart: the operator says try again)."""
-        return bool(await self.redis.delete(self.aux(name, "blocked")))
+        """Lift the block every instance follows (a restart: the operator says try again);
+        True (and an "unblocked" event) if there was one."""
+        async with self._pipeline() as pipe:
+            pipe.delete(self.aux(name, "blocked"))
+            pipe.hget(self.aux(name, "meta"), "version")
+            deleted, version = await pipe.execute()
+        if deleted:
+            await self._announce("unblocked", name, version)
+        return bool(deleted)
 
     async def set_blocked(self, name: str, block: Block, ttl: float | None) -> None:
         """Tell every instance to make no call for ``name`` (a fatal error, or the daily
         quota), for ``ttl`` seconds or until a value is stored (None)."""
         data = json.dumps({"kind": block.kind, "errcode": block.errcode, "errmsg": block.errmsg[:300]})
-        await self.redis.set(self.aux(name, "blocked"), data, px=None if ttl is None else max(1, int(ttl * 1000)))
+        async with self._pipeline() as pipe:
+            pipe.set(self.aux(name, "blocked"), data, px=None if ttl is None else max(1, int(ttl * 1000)), get=True)
+            pipe.hget(self.aux(name, "meta"), "version")
+            before, version = await pipe.execute()
+        if before is None:  # a new block, not the same one said again
+            await self._announce("blocked", name, version)
 
     async def set_backoff(self, name: str, delay: float, failures: int, lost: bool = False) -> None:
         """Tell every instance not to retry ``name`` for ``delay`` seconds (forced refreshes

@@ -129,6 +129,9 @@ async def test_nginx_refuses_a_secret_in_the_url_however_it_is_encoded(make_conf
     # A legitimate encoded VALUE is still proxied; only encoded NAMES are refused.
     resp = await get(f"{base.replace('/token?', '/token/forcerefresh?')}&old=a%2Fb", **{"X-Token-Secret": TEST_SECRET})
     assert resp.code == 200, resp.body
+    # The live reload is per instance: nginx would reach one of them, so it refuses it.
+    resp = await https_get(client, f"https://127.0.0.1:{https}/admin/reload", method="POST", body=b"", headers={"X-Token-Secret": TEST_SECRET})
+    assert resp.code == 403 and b"kill -HUP" in resp.body, resp.body
     for down in (False, True):
         if down:
             await stop(srv, 1.0)  # every backend down: nginx's error log would write the request line

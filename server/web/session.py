@@ -51,9 +51,13 @@ class Sessions:
     """
 
     def __init__(self, server_secret: str, auth: Authenticator) -> None:
+        self.rekey(server_secret)
+        self.auth = auth
+
+    def rekey(self, server_secret: str) -> None:
+        """Keys derived from a (reloaded) ``server.secret``: sessions signed with the old one end."""
         self._signing = cookie_key(server_secret, "cookie").hex()
         self._csrf = cookie_key(server_secret, "csrf")
-        self.auth = auth
 
     def __repr__(self) -> str:
         return "Sessions(<derived keys>)"
