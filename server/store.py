@@ -77,21 +77,23 @@ on write.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.cluster import ClusterPipeline, ClusterPubSub, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ClusterError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.config import RedisConfig
 
@@ -420,8 +422,41 @@ class ClusterClient(RedisCluster):
             return super().pipeline(transaction, shard_hint)  # refused by redis-py, as it says
         return _ClusterPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py builds its own ClusterPipeline
 
+    def pubsub(self, node: Any | None = None, host: str | None = None, port: int | None = None, **kwargs: Any) -> ClusterPubSub:
+        return _ClusterPubSub(self, node=node, host=host, port=port, **kwargs)
+
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         await super().aclose()
+
+
+class _ClusterPubSub(ClusterPubSub):
+    """redis-py 8.1's cluster pubsub (SUBSCRIBE on the master of the channel's slot; a PUBLISH on
+    any node reaches it), which reads the slot map before it subscribes (without one it fails
+    with KeyError) and has it read again once its node failed: redis-py keeps subscribing to
+    the node its map names, and only the failure of a keyed command refreshes that map, so a
+    subscriber whose node died stayed unsubscribed (20 s and more in a test) while the cluster
+    had long promoted the replica.  Its failures are RedisErrors, as :class:`ClusterClient`'s."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._minded():
+            return await super().execute_command(*args, **kwargs)
+
+    async def get_message(self, ignore_subscribe_messages: bool = False, timeout: float | None = 0.0) -> Any:
+        async with self._minded():
+            return await super().get_message(ignore_subscribe_messages, timeout)
+
+    @contextlib.asynccontextmanager
+    async def _minded(self) -> AsyncIterator[None]:
+        cluster: Any = self.cluster
+        try:
+            if cluster._initialize:
+                await cluster.initialize()
+            yield
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            cluster._initialize = True  # the next subscription reads the map again
+            raise
+        except RedisClusterException as e:
+            raise ClusterError(f"{type(e).__name__}: {e}") from e
 
 
 class _ClusterPipeline(ClusterPipeline):

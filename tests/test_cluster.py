@@ -26,9 +26,10 @@ from tornado.httpclient import AsyncHTTPClient
 from server.app import StartupError, start, stop
 from server.config import ConfigError, RedisConfig
 from server.config_file import parse_config
+from server.ops.events import Subscriber
 from server.ratelimit import SharedLimit
 from server.sandbox import TICKET_PATH, TOKEN_PATH
-from server.store import Keys, build_redis
+from server.store import Entry, Keys, Store, build_redis, events_channel
 
 SOURCES = ("access_token", "ticket", "wx_card_ticket")
 
@@ -295,8 +296,8 @@ async def test_a_rate_limit_holds_across_instances_on_a_cluster(cluster):
 @pytest.mark.gen_test(timeout=30)
 async def test_publish_in_a_script_reaches_subscribers_on_every_node(cluster):
     """What the rotation events need: a PUBLISH inside a script on the slot's master reaches a
-    plain SUBSCRIBE on any node (Redis Cluster broadcasts PUBLISH over its bus), and redis-py's
-    cluster pubsub on our client works once the client has run a command."""
+    plain SUBSCRIBE on any node (Redis Cluster broadcasts PUBLISH over its bus), and so does our
+    client's cluster pubsub, even as the client's first command."""
     client = build_redis(RedisConfig(url=cluster.url, cluster=True))
     subscribers = []
     try:
@@ -305,8 +306,7 @@ async def test_publish_in_a_script_reaches_subscribers_on_every_node(cluster):
             sub.subscribe("wechat-token:events")
             assert sub.get_message(timeout=2)["type"] == "subscribe"
             subscribers.append(sub)
-        await client.ping()  # the cluster pubsub needs the slot map (KeyError before it)
-        mine = client.pubsub()
+        mine = client.pubsub()  # before any command: it reads the slot map itself (redis-py's: KeyError)
         await mine.subscribe("wechat-token:events")
         script = client.register_script("redis.call('SET', KEYS[1], ARGV[1]); return redis.call('PUBLISH', ARGV[2], ARGV[1])")
         local = await script(keys=["access_token"], args=["v1", "wechat-token:events"])
@@ -338,4 +338,51 @@ async def test_a_fresh_client_serves_a_burst_of_first_commands(cluster):
                                        return_exceptions=True)
         assert [a for a in answers if isinstance(a, BaseException)] == []
     finally:
+        await client.aclose()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_rotation_events_reach_a_subscriber_after_the_channels_master_fails(fresh_redis_cluster):
+    """The events subscriber (server.ops.events) on our cluster client: a value stored by the
+    write script is announced (PUBLISH inside the script, on the value's master) to the
+    subscriber (on the channel's master), before and after that master fails over."""
+    cluster = fresh_redis_cluster
+    channel = events_channel("")
+    client = build_redis(RedisConfig(url=cluster.url, cluster=True, socket_timeout=0.5))
+    store = Store(client, "")
+    await store.ping()
+    subscriber = Subscriber(client, channel)
+    seen: list[dict] = []
+
+    async def keep(event) -> None:
+        seen.append(event.as_dict())
+
+    subscriber.listen(keep)
+    version = 1
+
+    async def rotate() -> int:
+        nonlocal version
+        version += 1
+        now = time.monotonic()
+        assert await store.write("access_token", Entry(f"value-{version}", now + 100, now, version, "access_token"))
+        return version
+
+    try:
+        await subscriber.start()
+        assert subscriber.subscribed.is_set()
+        v = await rotate()
+        await wait_until(lambda: any(e["version"] == v for e in seen), 5, "the first event")
+
+        master = cluster.master_of(channel)
+        replica = cluster.replica_of(master)
+        cluster.node(master).process.kill()
+        cluster.node(master).process.wait()
+        killed = time.monotonic()
+        await wait_until(lambda: cluster.master_of(channel) == replica, 30, "the channel's replica to be promoted")
+        await wait_until(lambda: subscriber.subscribed.is_set(), 20, "the subscriber to subscribe again")
+        logging.getLogger(__name__).info("events: subscribed again %.1fs after the channel's master was killed", time.monotonic() - killed)
+        v = await rotate()
+        await wait_until(lambda: any(e["version"] == v for e in seen), 5, "an event after the failover")
+    finally:
+        await subscriber.stop()
         await client.aclose()
