@@ -61,13 +61,16 @@ already holds a hash tag (``{wechat}:``) keeps the plain layout: every key then 
 tag (and so do all sources: one slot, one node).  The rate limits' keys
 (:mod:`server.ratelimit`) need no tag: each of their commands touches one key.
 
-The plain layout stays as it was outside a cluster (operators, scripts and docs know
-``access_token:meta``).  A cluster that holds a plain layout (copied from a single Redis by
-a migration tool, which keeps the keys' names) is adopted on the first
-read of each source by each process: when ``{NAME}:meta`` has no version yet, ``NAME:meta``
-(and a ``NAME:blocked``) is copied into the tagged keys, so the version order and the values'
-times carry on and no upstream call is made (:meth:`Store.read`).  The old keys are left in
-place (delete them once every instance runs in cluster mode).
+Tags are given on a cluster only: outside one the layout stays as operators, scripts and
+docs know it (``access_token:meta``), and no existing deployment has to migrate for a change
+it does not need.  A cluster that holds a plain layout (copied from a single Redis by a
+migration tool, which keeps the keys' names) is adopted on the first read of each source by
+each process: when ``{NAME}:meta`` has no version yet, ``NAME:meta`` (and a ``NAME:blocked``)
+is copied into the tagged keys, so the version order and the values' times carry on and no
+upstream call is made (:meth:`Store.read`).  The old keys are left in place (delete them
+once every instance runs in cluster mode).  The events the scripts PUBLISH are broadcast by
+the cluster to every node: a subscriber on any node gets them (:class:`ClusterClient`'s
+pubsub follows a failover).
 
 Clocks: moments other hosts compare (``fetched_at``, ``expires_at``, ``same_until``) are
 on Redis's clock (``TIME``, read inside the scripts); this module turns them into this
