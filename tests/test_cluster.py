@@ -194,6 +194,26 @@ async def test_failover_of_the_tokens_master_keeps_reads_and_makes_no_call(fresh
         await wait_until(lambda: r.get("access_token") == token and r.hget("{access_token}:meta", "version") == str(version), 5,
                          "the value to reach the replica")
 
+    # Load on the store meanwhile, as the refresher, the status page and readers make it: every
+    # failure must be a RedisError (what callers fall back on), never another exception.
+    names = list(SOURCES)
+    unexpected: list[str] = []
+    done = False
+
+    store = running.store
+    calls = (lambda: store.versions(names), lambda: store.read(names[0]), lambda: store.lock_holders(names))
+
+    async def load(i: int) -> None:
+        while not done:
+            try:
+                await calls[i % 3]()
+            except redis.RedisError:
+                pass
+            except Exception as e:  # noqa: BLE001 (the test collects what escapes)
+                unexpected.append(f"{type(e).__name__}: {e}")
+            await asyncio.sleep(0.01)
+
+    workers = [asyncio.ensure_future(load(i)) for i in range(30)]
     cluster.node(master).process.kill()  # SIGKILL: no goodbye to the cluster
     cluster.node(master).process.wait()
     killed = time.monotonic()
@@ -214,6 +234,9 @@ async def test_failover_of_the_tokens_master_keeps_reads_and_makes_no_call(fresh
         status, body = await call(running.port, "/wechat/token", type="access_token")
         assert (status, body.get("access_token")) == (200, token)
         await asyncio.sleep(0.1)
+    done = True
+    await asyncio.gather(*workers)
+    assert unexpected == []
     assert (sandbox.calls[TOKEN_PATH], sandbox.calls[TICKET_PATH]) == (1, 2), "the failover cost an upstream call"
 
     # The next rotation lands in the new master, its version above the one before.
