@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--check", action="store_true", help="validate the config and exit: 0 when good, 2 with the bad key")
     p.add_argument("--demo", action="store_true", help="run on an embedded Redis against the built-in WeChat sandbox")
     p.add_argument("--port", type=int, default=None, help="override server.port (1-65535)")
+    p.add_argument("--workers", type=int, default=1, help="server processes on the port (default 1; about one per core), supervised by this one")
     p.add_argument("--version", action="version", version=f"wechat-token-server {__version__}", help="print the version and exit")
     p.add_argument("--log-level", default=None, help=f"{', '.join(LOG_LEVELS)} (default: $LOG_LEVEL, else INFO)")
     return p.parse_args(argv)
@@ -46,6 +47,10 @@ def check_args(args: argparse.Namespace) -> None:
     through to the kernel, which binds it modulo 65536."""
     if args.port is not None:
         check_port("--port", args.port)
+    if not 1 <= args.workers <= 64:
+        raise ConfigError(f"--workers: {args.workers} is not between 1 and 64 (about one per core)")
+    if args.demo and args.workers != 1:
+        raise ConfigError("--workers: the demo runs one process; use --workers with --config")
     if args.log_level is not None:
         args.log_level = check_log_level("--log-level", args.log_level)
     else:
@@ -151,12 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     if args.demo:
         return run(run_demo(args.port or 12123))
+    overrides: dict[str, Any] = {}  # redis.url of the embedded Redis the supervisor started
+
     def read(path: str) -> Config:
+        import dataclasses
+
         cfg = load_config(path)
         if args.port is not None:
-            import dataclasses
-
             cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=args.port))
+        if overrides:
+            cfg = dataclasses.replace(cfg, redis=dataclasses.replace(cfg.redis, **overrides))
         return cfg
 
     try:
@@ -172,7 +181,44 @@ def main(argv: list[str] | None = None) -> int:
     from server.app import serve
     from server.ops.reload import ConfigFile
 
-    return run(serve(cfg, config_file=ConfigFile(os.path.abspath(args.config), read)))
+    config_file = ConfigFile(os.path.abspath(args.config), read)
+    if args.workers == 1:
+        return run(serve(cfg, config_file=config_file))
+    return run_workers(args.workers, cfg, config_file, read, overrides)
+
+
+def run_workers(n: int, cfg: Config, config_file: Any, read: Any, overrides: dict[str, Any]) -> int:
+    """``--workers N``: bind the port and start the embedded Redis here, once; fork N
+    servers on them (server.workers)."""
+    from server.app import StartupError, bind, serve
+    from server.service import redis_url
+    from server.workers import Supervisor
+
+    try:
+        sockets = bind(cfg.server.host, cfg.server.port)
+        url, embedded = redis_url(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, StartupError) as e:
+        logger.error("cannot start: %s", e)
+        return 1
+    if embedded is not None:
+        overrides["url"] = url  # a reload reads the file with it too
+        cfg = _with_url(cfg, url)
+    try:
+        return Supervisor(n, lambda index: run(serve(cfg, config_file=config_file, sockets=sockets))).run()
+    finally:
+        for sock in sockets:
+            sock.close()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _with_url(cfg: Config, url: str | None) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(cfg, redis=dataclasses.replace(cfg.redis, url=url))
 
 
 def run(main_coroutine: Coroutine[Any, Any, int]) -> int:

@@ -96,15 +96,16 @@ class Running:
         return self.service.embedded
 
 
-async def start(cfg: Config, config_file: ConfigFile | None = None) -> Running:
+async def start(cfg: Config, config_file: ConfigFile | None = None, sockets: list[socket.socket] | None = None) -> Running:
     """Build every part, run the first refresh pass, then listen.  See the module docstring.
 
     The port is bound before the first pass (a taken port must not cost an upstream call)
     but served only after it.  If anything fails, what was started is stopped again.
     ``config_file``: where ``cfg`` came from, read again by a reload (None: no reload).
+    ``sockets``: already bound by the supervisor of ``--workers`` (server.workers).
     """
     logger.info("wechat-token-server %s starting (Python %s)", __version__, platform.python_version())
-    sockets = bind(cfg.server.host, cfg.server.port)
+    sockets = sockets or bind(cfg.server.host, cfg.server.port)
     try:
         service = await Service.open(cfg)
     except BaseException:
@@ -160,14 +161,15 @@ async def stop(running: Running, timeout: float) -> None:
     running.unthrottle()
 
 
-async def serve(cfg: Config, on_ready: Callable[[Running], Awaitable[None] | None] | None = None, config_file: ConfigFile | None = None) -> int:
+async def serve(cfg: Config, on_ready: Callable[[Running], Awaitable[None] | None] | None = None, config_file: ConfigFile | None = None,
+                sockets: list[socket.socket] | None = None) -> int:
     """Run until SIGTERM or SIGINT; SIGHUP reloads ``config_file`` (see server.ops.reload).
     Returns the exit code."""
     loop = asyncio.get_running_loop()
     shutdown = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shutdown.set)
-    running = await start(cfg, config_file)
+    running = await start(cfg, config_file, sockets)
     reloads: set[asyncio.Future[Any]] = set()
 
     def hup() -> None:

@@ -111,7 +111,17 @@ class RefreshConfig:
     timeout: float = opt(10.0, "seconds for one upstream request")
     force_min_interval: float = opt(30.0, "seconds after a fetch during which a forced refresh returns that value")
     backoff_max: float = opt(300.0, "seconds: cap of the exponential backoff after failed fetches")
+    read_max_age: float = opt(1.0, "seconds a value served from memory may go without Redis confirming it: rotations by other instances arrive at once through the events channel, this bounds a lost message; 0: every read asks Redis")
     overlap: float = opt(300.0, "seconds WeChat keeps the previous token valid after issuing a new one: a stored token whose successor may have been issued (a lost answer) lives no longer than this; WeChat's is 300, change it only for a simulator")
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """One webhook (server.ops.webhooks): every event of the sources it is declared on."""
+
+    url: str = opt(help="where each event is POSTed: an http:// or https:// URL (include_value needs https://, or a receiver on this host)")
+    secret: str = opt(help="HMAC-SHA256 key of the X-Signature header (at least 16 characters; use ${ENV_VAR})", secret=True)
+    include_value: bool = opt(False, "add the new value itself to rotated events (a risk: the receiver then holds the token; README, Webhooks)")
 
 
 @dataclass(frozen=True)
@@ -123,6 +133,7 @@ class SourceConfig:
     field: str | None = opt(None, "response field holding the value (default: access_token if present, else ticket)")
     force: dict[str, Any] = opt(help="merged into args/json on a forced refresh, e.g. {force_refresh: true}", factory=dict, secret=True)
     daily_quota: int | None = opt(None, "calls WeChat allows this source per day (China time): a warning is logged at 80%; none: counted, no warning")
+    notify: list[NotifyConfig] = opt(help="webhooks told of every event of this source: [{url, secret, include_value}]", factory=list)
     name: str = opt("", "set from the mapping key")
 
 
@@ -147,6 +158,7 @@ class AccountConfig:
     default: bool = opt(False, "answers requests that name no account (implied when there is one account)")
     daily_quota: int | None = opt(None, "calls to the token endpoint WeChat allows per day (China time): 2000 for official and miniprogram, none for wecom; a warning is logged at 80%")
     jssdk: JssdkConfig = opt(help="JS-SDK signatures for this account's web pages", factory=JssdkConfig)
+    notify: list[NotifyConfig] = opt(help="webhooks told of every event of this account's sources: [{url, secret, include_value}]", factory=list)
     name: str = opt("", "set from the mapping key")
 
 
@@ -235,9 +247,11 @@ def dependency_order(sources: Mapping[str, SourceConfig]) -> list[str]:
     return order
 
 
-def check_secret(path: str, secret: str) -> None:
+def check_secret(path: str, secret: str, env: str = "TOKEN_SERVER_SECRET") -> None:
+    """A secret we generate (not one WeChat issues): long, random, not an example.  ``env``
+    names the environment variable the error suggests."""
     if not secret:
-        raise ConfigError(f"{path}: empty; set a random secret of at least {MIN_SECRET_LENGTH} characters, e.g. ${{TOKEN_SERVER_SECRET}}")
+        raise ConfigError(f"{path}: empty; set a random secret of at least {MIN_SECRET_LENGTH} characters, e.g. ${{{env}}}")
     if secret.strip().lower() in PLACEHOLDER_SECRETS or re.search(r"change.?me|your.?secret", secret, re.I):
         raise ConfigError(f"{path}: is a placeholder; generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
     if len(secret) < MIN_SECRET_LENGTH:
@@ -311,6 +325,31 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def check_hooks(path: str, hooks: list[NotifyConfig], taken: Mapping[str, str]) -> None:
+    """The webhooks under ``path`` (``accounts.NAME.notify``, ``sources.NAME.notify``).
+    ``taken``: the request secrets by key; a receiver holding one could call this server."""
+    urls: set[str] = set()
+    for i, hook in enumerate(hooks):
+        at = f"{path}[{i}]"
+        try:
+            parts = urllib.parse.urlsplit(hook.url.strip())
+            host, _ = parts.hostname, parts.port  # .port raises ValueError for a bad one
+        except ValueError:
+            host, parts = None, None
+        if parts is None or parts.scheme not in ("http", "https") or not host or any(c.isspace() for c in hook.url.strip()):
+            raise ConfigError(f"{at}.url: must be an http:// or https:// URL, e.g. https://hooks.example.com/wechat-token")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(f"{at}.url: no user:password@ in a webhook URL; the receiver checks X-Signature instead")
+        if hook.url in urls:
+            raise ConfigError(f"{at}.url: listed twice; list each webhook once")
+        urls.add(hook.url)
+        if hook.include_value and parts.scheme != "https" and not _is_loopback(host):
+            raise ConfigError(f"{at}.include_value: would send the token in clear over http://; use an https:// URL (or drop include_value)")
+        check_secret(f"{at}.secret", hook.secret, "HOOK_SECRET")
+        if hook.secret in taken:
+            raise ConfigError(f"{at}.secret: same as {taken[hook.secret]}; a receiver must never hold a request secret: give the webhook its own")
+
+
 def _check_networks(path: str, values: list[str]) -> None:
     for i, v in enumerate(values):
         try:
@@ -352,6 +391,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"refresh.{key}: must be a positive number of seconds")
     if r.force_min_interval < 0:
         raise ConfigError("refresh.force_min_interval: must be 0 or more seconds")
+    if not 0 <= r.read_max_age <= 10:
+        raise ConfigError("refresh.read_max_age: must be between 0 and 10 seconds (1 by default)")
     if cfg.redis.socket_timeout <= 0:
         raise ConfigError("redis.socket_timeout: must be a positive number of seconds")
     if r.ahead <= r.interval:
@@ -417,6 +458,11 @@ def validate(cfg: Config) -> Config:
         for s in client.sources:
             if s not in named:
                 raise ConfigError(f"{path}.sources: {s!r} is no source (known: {', '.join(named)})")
+    # Webhooks: an account's (its sources carry none of their own) and those of sources declared by hand.
+    for name, acc in cfg.accounts.items():
+        check_hooks(f"accounts.{name}.notify", acc.notify, secrets_seen)
+    for name, src in named.items():
+        check_hooks(f"sources.{name}.notify", src.notify, secrets_seen)
     if cfg.jwt is not None:
         if not cfg.jwt.keys:
             raise ConfigError("jwt.keys: give at least one kid: key, or remove jwt")

@@ -10,9 +10,15 @@
   instance, as counted in Redis (server.ops.quota).
 - ``wechat_token_daily_quota{source}``: the source's daily quota (sources with one only).
 - ``wechat_token_build_info{version,python}``: always 1; the labels say what runs.
+- ``wechat_token_webhook_delivered_total{source}``: webhook POSTs a receiver accepted (2xx),
+  counted by the one instance that sent each (server.ops.webhooks).
+- ``wechat_token_webhook_retries_total{source}``: failed attempts followed by another.
+- ``wechat_token_webhook_failed_total{source,reason}``: deliveries given up: ``gave_up`` (the
+  retry window ended), ``shutdown`` (dropped at stop), ``overflow`` (too many in flight, not
+  claimed), ``redis`` (no claim: Redis failed), ``error`` (a bug: see the log).
 
-Alert on ``wechat_token_source_state{state="blocked"} == 1``, on ``seconds_left < 300`` and on
-``upstream_calls_today > 0.8 * daily_quota``.
+Alert on ``wechat_token_source_state{state="blocked"} == 1``, on ``seconds_left < 300``, on
+``upstream_calls_today > 0.8 * daily_quota`` and on ``increase(webhook_failed_total[1h]) > 0``.
 """
 
 from __future__ import annotations
@@ -40,6 +46,15 @@ class Metrics:
         self.upstream_seconds = Histogram(
             "wechat_token_upstream_request_seconds", "Duration of calls to WeChat", ["source"], registry=self.registry,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.webhook_delivered = Counter(
+            "wechat_token_webhook_delivered", "Webhook deliveries a receiver accepted (2xx), by source", ["source"], registry=self.registry
+        )
+        self.webhook_retries = Counter(
+            "wechat_token_webhook_retries", "Failed webhook attempts that were retried, by source", ["source"], registry=self.registry
+        )
+        self.webhook_failed = Counter(
+            "wechat_token_webhook_failed", "Webhook deliveries given up, by source and reason", ["source", "reason"], registry=self.registry
         )
         # The usual Prometheus idiom for "what runs here": a constant 1 whose labels say it
         # (join on it to tell instances running different versions apart).

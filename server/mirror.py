@@ -1,8 +1,12 @@
 """What this process knows of each source's value: Redis's, reconciled with memory.
 
-Redis is the source of truth while it answers: every read goes there (concurrent reads of
-one source share one round trip), and every instance therefore serves the value Redis
-holds, whoever wrote it.  Memory is the fallback while Redis is unreachable or slow, and
+Redis is the source of truth.  A read is served from memory while Redis confirmed memory's
+value less than ``refresh.read_max_age`` (1 s) ago and the events subscription is up: a
+rotation by any instance is announced on the events channel (server.ops.events) and makes
+the next read ask Redis at once, and every value memory holds is confirmed against Redis
+every second (one round trip for all), which bounds what a lost message can cost.  Without
+a live subscription, or with ``read_max_age: 0``, every read asks Redis (concurrent reads of
+one source share one round trip).  Memory is also the fallback while Redis is unreachable or slow, and
 wins when its version is higher (Redis lost the value, came back with old data, or failed
 over to a lagging replica; versions keep their order across such a loss, see
 :mod:`server.store`): then it is put back, without an upstream call, and every other
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -44,10 +49,14 @@ class Mirror:
     did not know (another instance got a fatal errcode or 45009), ending in ``seconds``.
     """
 
-    def __init__(self, store: Store, states: dict[str, SourceState], on_block: Callable[[str, Block, float], None]) -> None:
+    def __init__(self, store: Store, states: dict[str, SourceState], on_block: Callable[[str, Block, float], None],
+                 read_max_age: float = 0.0) -> None:
         self.store = store
         self.states = states
         self.on_block = on_block
+        self.read_max_age = read_max_age
+        #: whether rotations by other instances reach us as events (set by the subscriber)
+        self.events_live: Callable[[], bool] = lambda: False
         self._reads: dict[str, asyncio.Future[Snapshot | None]] = {}  # Redis reads under way
         self._redis_down_logged = False
         self._redis_retry_at = 0.0  # monotonic time before which reads skip Redis
@@ -61,6 +70,11 @@ class Mirror:
         Unavailable when there is no valid value.  Never calls upstream.
         """
         state = self.states[name]
+        entry = state.entry
+        if entry is not None:
+            now = time.monotonic()
+            if now - state.confirmed_at < self.read_max_age and entry.expires_at > now and self.events_live():
+                return entry  # confirmed by Redis a moment ago, and any rotation since would have been told
         pending = self._read_shared(name)
         if state.entry is not None and state.entry.remaining() > 0:
             try:
@@ -93,13 +107,15 @@ class Mirror:
         return pending
 
     async def _read_redis(self, name: str) -> Snapshot | None:
-        if time.monotonic() < self._redis_retry_at:
+        sent = time.monotonic()
+        if sent < self._redis_retry_at:
             return None
         try:
             snap = await self._reconcile(name, await self.store.read(name))
         except RedisError as e:
             self._redis_failed(e)
             return None
+        self._confirm(name, snap.entry.version if snap.entry is not None else None, sent)
         if self._redis_down_logged:
             logger.warning("redis reachable again: putting back what it lacks")
             self._redis_down_logged = False
@@ -146,18 +162,42 @@ class Mirror:
         self.adopt(name, snap)
         return snap
 
+    def _confirm(self, name: str, version: int | None, sent: float) -> None:
+        """Redis, asked at ``sent``, holds ``version``: memory's value is confirmed if it is that one."""
+        state = self.states.get(name)
+        if state is not None and state.entry is not None and state.entry.version == version:
+            state.confirmed_at = max(state.confirmed_at, sent)
+
+    async def on_event(self, source: str) -> None:
+        """Any instance stored a change of ``source`` (an event, see server.ops.events): the
+        next read of it asks Redis, and a read starts now so memory catches up first."""
+        state = self.states.get(source)
+        if state is None:
+            return
+        state.confirmed_at = -math.inf
+        self._read_shared(source)
+
+    async def on_subscribed(self) -> None:
+        """The subscription (re)started: events may have been missed, confirm everything again."""
+        for state in self.states.values():
+            state.confirmed_at = -math.inf
+        self.check_soon()
+
     def check_soon(self) -> None:
         """Run :meth:`check_all` in the background (once at a time)."""
         if self._checking is None or self._checking.done():
             self._checking = asyncio.ensure_future(self.check_all())
 
     async def check_all(self) -> None:
-        """Put back every value memory holds that Redis lacks or holds an older version of.
+        """Put back every value memory holds that Redis lacks or holds an older version of,
+        catch up with every value Redis holds a newer version or a shorter life of, and
+        confirm the others (see the module docstring).
 
-        One round trip when nothing is missing (the refresher calls this every second, so
+        One round trip when nothing changed (the refresher calls this every second, so
         direct Redis readers get every value back soon after Redis loses its data).
         """
-        if time.monotonic() < self._redis_retry_at:
+        sent = time.monotonic()
+        if sent < self._redis_retry_at:
             return
         held = {n: s.entry for n, s in self.states.items() if s.entry is not None and s.entry.remaining() > MIN_PUT_BACK_LIFE}
         if not held:
@@ -166,8 +206,10 @@ class Mirror:
             stored = await self.store.versions(list(held))
             for name, entry in held.items():
                 found = stored[name]
-                if found is None or found[0] < entry.version or (found[0] == entry.version and found[1] > entry.remaining() + LIFE_SLACK):
+                if found is None or found[0] != entry.version or abs(found[1] - entry.remaining()) > LIFE_SLACK:
                     await self.read_now(name)
+                else:
+                    self._confirm(name, found[0], sent)
         except RedisError as e:
             self._redis_failed(e)
 

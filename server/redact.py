@@ -7,8 +7,9 @@ future log call written carelessly.
 
 :func:`config_secrets` collects every secret of a config: ``server.secret``, the clients'
 secrets, the JWT keys, the Redis password (also inside ``redis.url``), the Sentinel
-passwords, and every string under ``sources.*.args`` / ``json`` / ``force`` whose key looks
-secret (secret, appsecret, corpsecret, password, key...).  A :class:`Redactor` replaces
+passwords, every string under ``sources.*.args`` / ``json`` / ``force`` whose key looks
+secret (secret, appsecret, corpsecret, password, key...), and the webhooks' secrets
+(``accounts.*.notify`` / ``sources.*.notify``).  A :class:`Redactor` replaces
 them with ``***``, and also masks what looks like a JWT, the password in a URL's
 ``user:password@`` and a URL's query string (``https://host/path?***``).
 :class:`RedactFilter` applies it to a log record's message, arguments, exception text and
@@ -78,6 +79,8 @@ def config_secrets(cfg: Config) -> list[str]:
     for src in cfg.sources.values():
         for part in (src.args, src.json or {}, src.force):
             found += _secret_values(part)
+    for hooks in [a.notify for a in cfg.accounts.values()] + [s.notify for s in cfg.sources.values()]:
+        found += [hook.secret for hook in hooks]
     unique = {s for s in found if len(s) >= MIN_MASKED_LENGTH}
     return sorted(unique, key=len, reverse=True)
 

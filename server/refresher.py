@@ -95,7 +95,7 @@ class Refresher:
         self._timer: PeriodicCallback | None = None
         self._stopping = False
         self._tasks: set[asyncio.Future[Any]] = set()  # ticks, retries, wake-ups under way
-        self.mirror = Mirror(store, self.states, self._announced_block)
+        self.mirror = Mirror(store, self.states, self._announced_block, cfg.read_max_age)
         self.fetcher = Fetcher(self._known, store, upstream, self.mirror, self.states, cfg, self.metrics, self, self.calls)
         self._watch: PeriodicCallback | None = None
 

@@ -33,6 +33,7 @@ from server.jssdk_handler import public_limits
 from server.ops.events import Subscriber
 from server.ops.quota import DailyCalls
 from server.ops.readiness import Readiness
+from server.ops.webhooks import SHUTDOWN_WAIT, Webhooks
 from server.ratelimit import SharedLimit
 from server.refresher import Refresher
 from server.sources import Source
@@ -72,6 +73,7 @@ class Service:
     embedded: EmbeddedRedis | None
     url: str | None
     extra: dict[str, Any] = field(default_factory=dict)
+    webhooks: Webhooks | None = None  # server.ops.webhooks; None only for a Service built by hand
 
     @property
     def deps(self) -> dict[str, Any]:
@@ -87,6 +89,7 @@ class Service:
         limits_redis: aioredis.Redis | None = None
         upstream: Upstream | None = None
         subscriber: Subscriber | None = None
+        webhooks: Webhooks | None = None
         try:
             accounts = Accounts.from_config(cfg)
             store = Store(build_redis(cfg.redis, url), cfg.redis.prefix, instance=f"{socket.gethostname()}:{os.getpid()}",
@@ -97,18 +100,29 @@ class Service:
             calls = DailyCalls(store.redis, cfg.redis.prefix, {name: src.daily_quota for name, src in cfg.sources.items()})
             refresher = Refresher(sources, store, upstream, cfg.refresh, calls=calls)
             subscriber = Subscriber(store.redis, store.channel)
+            # Memory serves reads while the subscription tells of every rotation (server.mirror).
+            mirror = refresher.mirror
+            subscriber.listen(lambda event: mirror.on_event(event.source), mirror.on_subscribed)
+            mirror.events_live = subscriber.subscribed.is_set
+            # --- webhooks (server.ops.webhooks): subscribed before the first pass, whose rotations are told too ---
+            webhooks = Webhooks(store.redis, cfg.redis.prefix, store.instance, refresher.metrics)
+            webhooks.configure(cfg)
+            subscriber.listen(webhooks.on_event)
+            await subscriber.start()
+            # ---
             started = time.monotonic()
             await refresher.start()
             logger.info("first refresh pass done in %.2fs: %s", time.monotonic() - started, summary(refresher))
-            await subscriber.start()
             limits_redis = build_redis(cfg.redis, url, max_connections=LIMITS_CONNECTIONS)
             auth = Authenticator(cfg, *shared_limits(limits_redis, cfg))
             face = Face.build(refresher, accounts, cfg.refresh.overlap) if cfg.face else None
             return cls(
                 cfg, store, limits_redis, upstream, refresher, auth, accounts, ActiveRequests(), calls, Readiness(store, refresher),
-                subscriber, public_limits(limits_redis, cfg.redis.prefix, accounts), face, embedded, url,
+                subscriber, public_limits(limits_redis, cfg.redis.prefix, accounts), face, embedded, url, webhooks=webhooks,
             )
         except BaseException:
+            if webhooks is not None:
+                await webhooks.stop(0)
             if subscriber is not None:
                 await subscriber.stop()
             if store is not None:
@@ -150,9 +164,13 @@ class Service:
             logger.warning("shutdown: %d requests still open after %.0fs; closing them", len(self.active.handlers), timeout)
         await self.refresher.drain(max(0.1, deadline - time.monotonic()))  # releases held locks
         await self.calls.drain(1.0)  # the last calls' counts, while Redis is still open
+        if self.webhooks is not None:  # POSTs under way get a bounded wait, then are dropped (server.ops.webhooks)
+            await self.webhooks.stop(min(SHUTDOWN_WAIT, max(0.5, deadline - time.monotonic())))
 
     async def close(self) -> None:
         """Close every connection (after :meth:`drain`)."""
+        if self.webhooks is not None:
+            await self.webhooks.stop(0)  # already stopped by drain(); here when drain() was skipped
         await self.subscriber.stop()
         await self.store.close()
         await self.limits_redis.aclose(close_connection_pool=True)

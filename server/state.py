@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -93,6 +94,9 @@ class SourceState:
     # minutes, and the face (server.face.issued) still accepts it from SDKs during them.
     previous: Entry | None = None
     replaced_at: float = 0.0
+    # When (monotonic) a Redis read, sent at that moment, found ``entry`` current: the
+    # mirror serves memory without asking Redis for ``refresh.read_max_age`` after it.
+    confirmed_at: float = -math.inf
 
     def adopt(self, entry: Entry) -> None:
         """Hold ``entry``, remembering the value it replaces when it is a different one."""

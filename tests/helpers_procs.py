@@ -99,6 +99,7 @@ class TokenServerProc:
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.extra_env: dict[str, str] = {}  # e.g. libfaketime's, for a process with a clock of its own
+        self.extra_args: list[str] = []  # e.g. ["--workers", "2"]
 
     @property
     def base(self) -> str:
@@ -118,7 +119,7 @@ class TokenServerProc:
         env.update(self.extra_env)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, os.path.join(REPO, "token_server.py"), "-c", self.config_path, "--port", str(self.port)],
+                [sys.executable, os.path.join(REPO, "token_server.py"), "-c", self.config_path, "--port", str(self.port), *self.extra_args],
                 cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             )
         finally:

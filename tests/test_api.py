@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from tests.conftest import TEST_SECRET
@@ -102,13 +105,19 @@ async def test_responses_are_not_cacheable(make_config, start_server):
 
 @pytest.mark.gen_test
 async def test_server_reads_a_value_another_writer_put_in_redis(make_config, start_server, call, redis_sync, sandbox):
-    """Redis is the source of truth: a value written by another instance is served at once."""
+    """Redis is the source of truth: a value written by another writer, even one that
+    announces nothing on the events channel, is served within refresh.read_max_age (1 s)."""
     srv = await start_server(make_config())
     other = sandbox.api_token("client_credential", "wx123", "sandbox-appsecret-0123456789", "127.0.0.1")["access_token"]
     version = int(redis_sync.hget("access_token:meta", "version"))
     redis_sync.set("access_token", other, ex=5000)
     redis_sync.hset("access_token:meta", "version", version + 1)
-    status, body = await call(srv.port, "/wechat/token", type="access_token")
+    written = time.monotonic()
+    while True:
+        status, body = await call(srv.port, "/wechat/token", type="access_token")
+        if body["access_token"] == other or time.monotonic() - written > 1.5:
+            break
+        await asyncio.sleep(0.02)
     assert status == 200 and body["access_token"] == other and 4990 < body["expires_in"] <= 5000
 
 

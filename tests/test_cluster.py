@@ -21,6 +21,7 @@ from conftest import TEST_SECRET, find_redis_cli
 from helpers_procs import sandbox_sources, wait_until
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
+from test_webhooks import HOOK_SECRET, receiver  # noqa: F401 (receiver: a fixture)
 from tornado.httpclient import AsyncHTTPClient
 
 from server.app import StartupError, start, stop
@@ -409,3 +410,20 @@ async def test_rotation_events_reach_a_subscriber_after_the_channels_master_fail
     finally:
         await subscriber.stop()
         await client.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_webhook_with_the_value_reads_it_from_the_cluster(cluster, make_config, sandbox_url, start_server, receiver):  # noqa: F811
+    """Webhooks (server.ops.webhooks) read the value and its version together: in one slot."""
+    hooked = sources(sandbox_url)
+    hooked["access_token"]["notify"] = [{"url": receiver.url + "/with-value", "secret": HOOK_SECRET, "include_value": True}]
+    await start_server(make_config(redis={"url": cluster.url, "cluster": True}, sources=hooked))
+    await wait_until(lambda: receiver.accepted(), 5, "the first value's event")
+    event = receiver.accepted()[0].event(HOOK_SECRET)
+    reader = cluster_client(cluster)
+    try:
+        assert event["event"] == "rotated" and event["source"] == "access_token"
+        assert event["value"] == reader.get("access_token") and event["value"]
+        assert any(k.startswith("wechat-token:webhook:") for k in cluster.keys())  # the claim: one key, any slot
+    finally:
+        reader.close()

@@ -30,7 +30,7 @@ class Listener:
         self.events: list[dict] = []
 
         async def keep(event) -> None:
-            self.events.append(event.as_dict())
+            self.events.append({**event.as_dict(), "at": time.monotonic()})
 
         self.sub.listen(keep)
 

@@ -10,6 +10,7 @@ config stays in force.  A good one is applied to the running parts in place:
   their Redis keys stay (the log says which);
 - changed secrets, clients, JWT keys, rate limits, IP rules, JS-SDK domains: from the
   next request; a changed AppSecret is used at the next fetch;
+- webhooks (``notify``) added, removed or changed: from the next event;
 - unchanged sources: untouched, 0 upstream calls.
 
 What a running process cannot change (the listening address, Redis, ``refresh:``,
@@ -24,6 +25,7 @@ config.  Reloads run one at a time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,9 +131,13 @@ async def apply(service: Service, new: Config) -> dict[str, Any]:
     if sessions is not None and old.server.secret != new.server.secret:
         sessions.rekey(new.server.secret)
     service.calls.quotas = {name: src.daily_quota for name, src in new.sources.items()}
+    if service.webhooks is not None:  # the next event is sent to the new hooks (server.ops.webhooks)
+        service.webhooks.configure(new)
     service.cfg = new
     sources = {name: Source(src) for name, src in new.sources.items()}
-    changed = sorted(n for n in old.sources.keys() & new.sources.keys() if old.sources[n] != new.sources[n])
+    # notify (webhooks) is no part of the request: a source whose hooks alone changed is not "changed"
+    changed = sorted(n for n in old.sources.keys() & new.sources.keys()
+                     if dataclasses.replace(old.sources[n], notify=[]) != dataclasses.replace(new.sources[n], notify=[]))
     for name in changed:
         logger.info("reload: source %s: its request changed (a secret?); used from its next fetch, no call now", name)
     added, removed = await service.refresher.reconfigure(sources)
