@@ -415,6 +415,12 @@ def validate(cfg: Config) -> Config:
             raise ConfigError("redis.url: a Redis Cluster is reached over TCP; use redis:// or rediss://host:port of one of its nodes")
         if urllib.parse.urlsplit(cfg.redis.url).path.strip("/") not in ("", "0"):
             raise ConfigError("redis.url: a Redis Cluster has only database 0; drop the /N from the URL")
+        # A brace in a key is a hash tag to a cluster (server.store.Keys): a stray one would
+        # put a source's keys in different slots.
+        start = cfg.redis.prefix.find("{")
+        tagged = start >= 0 and cfg.redis.prefix.find("}", start + 1) > start + 1
+        if ("{" in cfg.redis.prefix or "}" in cfg.redis.prefix) and not tagged:
+            raise ConfigError("redis.prefix: on a Redis Cluster a brace starts a hash tag; use no braces, or one whole tag such as {wechat}:")
     if cfg.redis.sentinel is not None:
         if not cfg.redis.sentinel.hosts:
             raise ConfigError('redis.sentinel.hosts: list at least one "host:port"')

@@ -58,7 +58,8 @@ key keeps its exact name (``redis-cli -c GET access_token`` still works); each a
 is named ``{<prefix>NAME}:PART`` (``{access_token}:meta``, ``{access_token}:lock``, ...): the
 hash tag is the whole plain key, so CRC16 puts it in the plain key's slot.  A prefix that
 already holds a hash tag (``{wechat}:``) keeps the plain layout: every key then shares that
-tag (and so do all sources: one slot, one node).  The rate limits' keys
+tag (and so do all sources: one slot, one node); server.config refuses any other brace in a
+cluster's prefix.  The rate limits' keys
 (:mod:`server.ratelimit`) need no tag: each of their commands touches one key.
 
 Tags are given on a cluster only: outside one the layout stays as operators, scripts and

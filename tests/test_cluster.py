@@ -59,7 +59,7 @@ def test_every_key_of_a_source_shares_the_slot_of_its_plain_key():
     keys = Keys("", cluster=True)
     assert keys.value("access_token") == "access_token"  # the plain key keeps its name
     assert keys.aux("access_token", "meta") == "{access_token}:meta"
-    for prefix in ("", "p:", "shop.", "a{b"):  # "a{b": an unclosed brace is no tag
+    for prefix in ("", "p:", "shop."):
         k = Keys(prefix, cluster=True)
         for part in ("meta", "lock", "blocked", "backoff", "failures", "lost", "rejected", "slow", "calls:20261201"):
             assert _crc_slot(k.aux("ticket", part)) == _crc_slot(k.value("ticket")), (prefix, part)
@@ -76,12 +76,19 @@ def test_every_key_of_a_source_shares_the_slot_of_its_plain_key():
     ({"cluster": True, "sentinel": {"hosts": ["h:26379"]}}, "redis.cluster: a Redis Cluster fails over by itself"),
     ({"cluster": True, "url": "unix:///run/redis.sock"}, "redis.url: a Redis Cluster is reached over TCP"),
     ({"cluster": True, "url": "redis://h:7000/2"}, "redis.url: a Redis Cluster has only database 0"),
+    ({"cluster": True, "url": "redis://h:7000", "prefix": "a}b:"}, "redis.prefix: on a Redis Cluster a brace starts a hash tag"),
 ])
 def test_cluster_config_mistakes_are_one_line(redis_section, message):
     raw = {"server": {"secret": TEST_SECRET}, "redis": redis_section, "sources": sandbox_sources("http://127.0.0.1:1")}
     with pytest.raises(ConfigError) as e:
         parse_config(yaml.safe_dump(raw), env={}, source="test")
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_a_prefix_holding_a_whole_hash_tag_is_taken_on_a_cluster():
+    raw = {"server": {"secret": TEST_SECRET}, "redis": {"cluster": True, "url": "redis://h:7000", "prefix": "{wechat}:"},
+           "sources": sandbox_sources("http://127.0.0.1:1")}
+    assert parse_config(yaml.safe_dump(raw), env={}, source="test").redis.prefix == "{wechat}:"
 
 
 @pytest.mark.gen_test(timeout=60)
