@@ -229,8 +229,9 @@ end
 return 0
 """
 
-# A snapshot in one round trip, atomic, with the clock of the node holding the keys (on a
-# cluster a MULTI cannot carry TIME, and another node's clock is another host's).  Read-only.
+# Cluster: a snapshot in one round trip, atomic, with the clock of the node holding the keys
+# (a cluster's MULTI cannot carry TIME, and another node's clock is another host's); a single
+# Redis reads the same with a MULTI (Store.read).  Read-only.
 # KEYS[1] value, KEYS[2] meta, KEYS[3] failures, KEYS[4] backoff, KEYS[5] blocked, KEYS[6] lost,
 # KEYS[7] slow.  Returns {seconds, microseconds, value, value PTTL ms, {version, fetched_at,
 # field, same_until}, failures, backoff PTTL ms, blocked, blocked PTTL ms, lost, slow}; a
@@ -610,16 +611,32 @@ class Store:
         return float(seconds) + micros / 1e6
 
     async def read(self, name: str) -> Snapshot:
-        """The value, its remaining life and its metadata in one round trip (one script: atomic,
-        and on the clock of the node that holds them).
+        """The value, its remaining life and its metadata in one round trip (atomic, and on the
+        clock of the node that holds them).
 
         On a cluster, the first read of ``name`` in this process that finds no version adopts a
         plain layout's metadata, if any (see the module docstring): one more round trip, once.
         """
-        raw = await self._read(keys=[self.key(name), *(self.aux(name, p) for p in ("meta", "failures", "backoff", "blocked", "lost", "slow"))])
-        if raw[4][0] is None and self.keys.cluster and name not in self._adopted:
-            if await self._adopt_plain_layout(name):
+        if self.keys.cluster:
+            # One script: a cluster's MULTI cannot carry TIME, which another node would answer.
+            raw = await self._read(keys=[self.key(name), *(self.aux(name, p) for p in ("meta", "failures", "backoff", "blocked", "lost", "slow"))])
+            if raw[4][0] is None and name not in self._adopted and await self._adopt_plain_layout(name):
                 return await self.read(name)
+        else:
+            key = self.key(name)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.time()
+                pipe.get(key)
+                pipe.pttl(key)
+                pipe.hmget(key + ":meta", "version", "fetched_at", "field", "same_until")
+                pipe.get(key + ":failures")
+                pipe.pttl(key + ":backoff")
+                pipe.get(key + ":blocked")
+                pipe.pttl(key + ":blocked")
+                pipe.get(key + ":lost")
+                pipe.get(key + ":slow")
+                (clock, *rest) = await pipe.execute()
+            raw = [*clock, *rest]
         seconds, micros, value, pttl, (version, fetched_at, field, same_until), failures, backoff_ms, blocked, blocked_ms, lost, slow = raw
         mono = time.monotonic()
         now = float(seconds) + float(micros) / 1e6
