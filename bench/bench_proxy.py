@@ -25,54 +25,22 @@ one that takes 20 ms to answer, as WeChat's API does seen from a server in China
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import re
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
-from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+sys.path[:0] = [REPO, HERE, os.path.join(REPO, "tests")]
 
 from helpers_procs import SandboxProc, TokenServerProc, get_json, proc_config  # noqa: E402
+from wrklib import Run, run_bench, wrk  # noqa: E402
 
 from server.embedded_redis import EmbeddedRedis  # noqa: E402
 from server.sandbox import DEFAULT_APPID, DEFAULT_APPSECRET  # noqa: E402
 
 PATH = "/cgi-bin/getcallbackip"
-
-
-@dataclass
-class Run:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
-
-
-def _ms(text: str) -> float:
-    value, unit = float(re.match(r"[\d.]+", text).group()), re.sub(r"[\d.]+", "", text)  # type: ignore[union-attr]
-    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-
-
-def wrk(url: str, seconds: float, connections: int) -> Run:
-    """One wrk run; requests per second, p50 and p99 latency, non-2xx and socket errors."""
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
-    errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
-    return Run(rps, p50, p99, errors)
 
 
 async def main_async(args: argparse.Namespace, workdir: str) -> int:
@@ -130,14 +98,7 @@ def main() -> int:
     p.add_argument("--latencies", type=lambda t: [float(x) for x in t.split(",")], default=[0.0, 0.02],
                    help="seconds WeChat takes to answer, comma-separated (default 0,0.02)")
     args = p.parse_args()
-    if shutil.which("wrk") is None:
-        print("needs wrk (Debian: apt-get install wrk)", file=sys.stderr)
-        return 2
-    workdir = tempfile.mkdtemp(prefix="bench-proxy-")
-    try:
-        return asyncio.run(main_async(args, workdir))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return run_bench(main_async, args, "bench-proxy-", {"wrk": "wrk"})
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ they hold across every instance; while Redis is unreachable each process counts 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -103,6 +104,7 @@ class Principal:
         return self.metrics or self.is_operator
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_ip(text: str | None) -> IPAddress | None:
     """An address from a header or the peer, IPv4-mapped IPv6 unwrapped; None if it is not one."""
     if not text:

@@ -13,12 +13,14 @@ at most ``MAX_ARG_BYTES``; anything else is a 400 naming the argument.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import re
 from typing import Any
 
 import tornado.web
+from tornado.escape import json_encode
 
 from server import __version__
 from server.accounts import TYPES as ACCOUNT_TYPES
@@ -205,7 +207,7 @@ class BaseHandler(tornado.web.RequestHandler):
         return name
 
     def write_entry(self, entry: Entry) -> None:
-        self.finish({entry.field: entry.value, "expires_in": max(0, int(entry.remaining()))})
+        self.finish(encoded_answer(entry.field, entry.value, max(0, int(entry.remaining()))))
 
 
 class TokenHandler(BaseHandler):
@@ -318,6 +320,14 @@ class NotFoundHandler(BaseHandler):
     async def prepare(self) -> None:
         await self.gate()
         raise tornado.web.HTTPError(404, reason="not found")
+
+
+@functools.lru_cache(maxsize=256)
+def encoded_answer(field: str, value: str, expires_in: int, errcode: bool = False) -> bytes:
+    """``{"access_token": VALUE, "expires_in": N}`` as sent (WeChat's ``"errcode": 0, "errmsg":
+    "ok"`` first with ``errcode``): encoded once per value and second, not once per request."""
+    head: dict[str, Any] = {"errcode": 0, "errmsg": "ok"} if errcode else {}
+    return json_encode({**head, field: value, "expires_in": expires_in}).encode()
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:

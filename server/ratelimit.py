@@ -87,11 +87,12 @@ class SharedLimit:
         self._pending: dict[str, int] = {}  # events on their way to Redis
         self._redis_down_logged = False
         self._skip_redis_until = 0.0  # monotonic
-
+        self._reads: dict[str, asyncio.Future[bool]] = {}  # counts being read, one read per key
 
     def set_rate(self, per_minute: int) -> None:
         """A reloaded limit: counts so far stay, the next check uses the new rate."""
         self.item = RateLimitItemPerMinute(per_minute)
+
     def __repr__(self) -> str:
         return f"SharedLimit({self.name}, {self.item})"
 
@@ -104,16 +105,34 @@ class SharedLimit:
         return max(0.001, count.reset - time.time())
 
     async def retry_after(self, key: str) -> float:
-        """Seconds until ``key`` may have another event; 0.0 when it may now (nothing counted)."""
+        """Seconds until ``key`` may have another event; 0.0 when it may now (nothing counted).
+
+        A count older than ``CACHE_SECONDS`` is read again, once however many requests ask
+        (a crowd on one key costs Redis one command).  While that read is under way, a key
+        whose last count showed no event is answered from it; one without a count, or with
+        any event counted, waits for the read (so a count another instance raised is seen as
+        soon as the cache ends)."""
         count = self._counts.get(key)
         if count is None or count.believed_until <= time.monotonic():
-            try:
-                reset, remaining = await self._redis(lambda: self._shared.get_window_stats(self.item, self.name, key))
-                self._remember(key, remaining, reset)
-            except (RedisError, RedisSlow) as e:
-                self._redis_failed(e)
-                return 0.0 if self._alone.test(self.item, self.name, key) else self._alone_wait(key)
+            reading = self._reads.get(key)
+            if reading is None:
+                reading = asyncio.ensure_future(self._read_count(key))
+                self._reads[key] = reading
+                reading.add_done_callback(lambda f: self._reads.pop(key) if self._reads.get(key) is f else None)
+            if count is None or count.remaining < self.item.amount or self._pending.get(key, 0):
+                if not await asyncio.shield(reading):
+                    return 0.0 if self._alone.test(self.item, self.name, key) else self._alone_wait(key)
         return self.over_here(key)
+
+    async def _read_count(self, key: str) -> bool:
+        """Read ``key``'s shared count into the cache; False when Redis did not answer."""
+        try:
+            reset, remaining = await self._redis(lambda: self._shared.get_window_stats(self.item, self.name, key))
+        except (RedisError, RedisSlow) as e:
+            self._redis_failed(e)
+            return False
+        self._remember(key, remaining, reset)
+        return True
 
     async def hit(self, key: str) -> float:
         """Count one event for ``key`` if the limit allows it and return 0.0; else the

@@ -231,6 +231,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children_running(pid: int, program: bytes) -> list[int]:
+    """Direct children of ``pid`` whose command line holds ``program`` (b"redis-server")."""
+    found = []
+    for child in child_pids(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as fh:
+                if program in fh.read():
+                    found.append(child)
+        except OSError:
+            pass
+    return found
+
+
 def child_pids(pid: int) -> list[int]:
     """Direct children of ``pid`` (Linux /proc)."""
     out = []

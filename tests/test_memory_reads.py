@@ -118,3 +118,18 @@ async def test_old_gets_the_new_value_at_once_from_any_instance(token_servers, m
         status, body = await call(srv.port, "/wechat/token/forcerefresh", type="access_token", old=old)
         assert status == 200 and body["access_token"] == new
     assert sandbox.calls[TOKEN_PATH] == 1 + 5
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_crowd_of_reads_costs_redis_a_handful_of_commands(make_config, start_server, call, redis_sync):
+    srv = await start_server(make_config())
+    await call(srv.port, "/wechat/token", type="access_token")
+    await asyncio.sleep(1.1)  # the failed-authentication count read for 127.0.0.1 is now stale
+    redis_sync.config_resetstat()
+    answers = await asyncio.gather(*(call(srv.port, "/wechat/token", type="access_token") for _ in range(100)))
+    assert {status for status, _ in answers} == {200}
+    stats = redis_sync.info("commandstats")
+    # the limit's count, read once for the crowd, and the check every second; not one per request
+    setup = ("cmdstat_config", "cmdstat_info", "cmdstat_client", "cmdstat_hello")  # ours, and new connections' handshakes
+    commands = sum(v["calls"] for k, v in stats.items() if k not in setup)
+    assert commands < 20, stats

@@ -668,6 +668,8 @@ async def test_a_value_redis_has_a_newer_version_of_is_neither_put_back_nor_serv
     # issued it after ours, so ours is dead too.
     redis_sync.hset("access_token:meta", "version", int(redis_sync.hget("access_token:meta", "version")) + 5)
     redis_sync.delete("access_token")
+    # Changed by hand, nothing announced it: seen within refresh.read_max_age (1 s).
+    assert await wait_until(lambda: not srv.refresher.states["access_token"].entry, 1.5)
     redis_sync.config_resetstat()
     for _ in range(5):
         status, _ = await call(srv.port, "/wechat/token", type="access_token")

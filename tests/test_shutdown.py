@@ -14,22 +14,14 @@ import socket
 
 import pytest
 import redis
-from helpers_procs import child_pids, get_json, pid_running, pids_with_cwd, proc_config, wait_until
+from helpers_procs import children_running, get_json, pid_running, pids_with_cwd, proc_config, wait_until
 
 from server.embedded_redis import EmbeddedRedis, free_port
 from server.sandbox import TOKEN_PATH
 
 
 def redis_children(pid: int) -> list[int]:
-    out = []
-    for child in child_pids(pid):
-        try:
-            with open(f"/proc/{child}/cmdline", "rb") as fh:
-                if b"redis-server" in fh.read():
-                    out.append(child)
-        except OSError:
-            pass
-    return out
+    return children_running(pid, b"redis-server")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

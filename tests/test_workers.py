@@ -11,7 +11,7 @@ import os
 import signal
 
 import pytest
-from helpers_procs import child_pids, proc_config, wait_until
+from helpers_procs import child_pids, children_running, proc_config, wait_until
 from tornado.httpclient import AsyncHTTPClient
 
 from server.sandbox import TICKET_PATH, TOKEN_PATH
@@ -19,15 +19,7 @@ from server.sandbox import TICKET_PATH, TOKEN_PATH
 
 def workers_of(proc) -> list[int]:
     """The supervisor's children that are token servers (not an embedded redis-server)."""
-    found = []
-    for pid in child_pids(proc.pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                if b"token_server.py" in fh.read():
-                    found.append(pid)
-        except OSError:
-            pass
-    return found
+    return children_running(proc.pid, b"token_server.py")
 
 
 def started(token_servers, cfg, n: int = 2):

@@ -28,6 +28,7 @@ from server.face.base import (
     FaceHandler,
     WeChatError,
 )
+from server.handlers import encoded_answer
 from server.state import Blocked, NotPermitted, Unavailable
 from server.store import Entry
 from server.upstream import UpstreamError
@@ -86,7 +87,7 @@ class ClassicTokenHandler(TokenFace):
         ``{"access_token": "ACCESS_TOKEN", "expires_in": 5231}``"""
         account = await self.official_account(self.query("grant_type"), self.query("appid"), self.query("secret"))
         entry = await self.token_entry(account)
-        self.finish({"access_token": entry.value, "expires_in": max(0, int(entry.remaining()))})
+        self.finish(encoded_answer("access_token", entry.value, max(0, int(entry.remaining()))))
 
 
 class StableTokenHandler(TokenFace):
@@ -108,7 +109,7 @@ class StableTokenHandler(TokenFace):
             raise WeChatError(DATA_FORMAT)
         account = await self.official_account(*fields)
         entry = await self.token_entry(account, force=force)
-        self.finish({"access_token": entry.value, "expires_in": max(0, int(entry.remaining()))})
+        self.finish(encoded_answer("access_token", entry.value, max(0, int(entry.remaining()))))
 
 
 class CorpTokenHandler(TokenFace):
@@ -138,7 +139,7 @@ class CorpTokenHandler(TokenFace):
         account = admitted[0]
         self.secret_admits(account, secret)  # the principal of the one chosen
         entry = await self.token_entry(account)
-        self.finish({"errcode": 0, "errmsg": "ok", "access_token": entry.value, "expires_in": max(0, int(entry.remaining()))})
+        self.finish(encoded_answer("access_token", entry.value, max(0, int(entry.remaining())), errcode=True))
 
 
 class TicketHandler(FaceHandler):
@@ -161,7 +162,7 @@ class TicketHandler(FaceHandler):
             entry = await self.refresher.current(name)
         except Unavailable as e:
             raise WeChatError(SYSTEM_ERROR, "face: %s: %s", name, e) from None
-        self.finish({"errcode": 0, "errmsg": "ok", "ticket": entry.value, "expires_in": max(0, int(entry.remaining()))})
+        self.finish(encoded_answer("ticket", entry.value, max(0, int(entry.remaining())), errcode=True))
 
 
 class CorpJsapiTicketHandler(TicketHandler):
