@@ -6,9 +6,10 @@ alternating rounds (so a load spike hits every side), with ``wrk -t1`` (Debian's
 
 - **bare**: a bare Tornado handler returning the same JSON (``{"access_token": ..., "expires_in": ...}``),
   encoded per request: the floor this framework allows (bench/bare_handler.py);
-- **token**: ``GET /wechat/token?type=access_token`` with the secret in the header, one process;
+- **token**: ``GET /wechat/token?type=access_token`` with the secret in the header, one process
+  on asyncio's own loop (``--loop asyncio``);
 - **token x2**: the same with ``--workers 2``;
-- **uvloop**: the one-process server on uvloop (when installed), to see whether it helps;
+- **uvloop**, **uvloop x2**: the same two on uvloop (``--loop uvloop``, when it is installed);
 - **face**: the face's ``GET /cgi-bin/token?grant_type=client_credential&appid=...&secret=...``;
 - **proxy**: ``GET /cgi-bin/getcallbackip?access_token=T`` through the API proxy to the sandbox;
 - **redis GET**: ``redis-benchmark GET access_token`` on the plain key (direct readers).
@@ -60,18 +61,20 @@ async def main_async(args: argparse.Namespace, workdir: str) -> int:
         account = {"appid": DEFAULT_APPID, "secret": DEFAULT_APPSECRET, "token": "classic", "api_base": sandbox_url}
         cfg = proc_config(redis.url, sandbox_url, sources={}, accounts={"main": account}, face=True,
                           refresh={"interval": 60})
-        one = TokenServerProc(cfg, workdir, "one").start()
-        two = TokenServerProc(cfg, workdir, "two")
-        two.extra_args = ["--workers", "2"]
-        two.start()
-        servers += [one, two]
-        uv = None
-        if args.uvloop:  # the same server on uvloop, to measure whether it helps
-            uv = TokenServerProc(cfg, workdir, "uvloop")
-            uv.extra_env = {"PYTHONPATH": os.path.join(HERE, "uvloop_site")}
-            servers.append(uv.start())
-        for server in servers:
-            await server.wait_ready()
+        def server(name: str, *extra: str) -> TokenServerProc:
+            proc = TokenServerProc(cfg, workdir, name)
+            proc.extra_args = list(extra)
+            servers.append(proc.start())
+            return proc
+
+        one = server("one", "--loop", "asyncio")
+        two = server("two", "--loop", "asyncio", "--workers", "2")
+        uv = uv2 = None
+        if args.uvloop:  # the same servers on uvloop, to measure whether it helps
+            uv = server("uvloop", "--loop", "uvloop")
+            uv2 = server("uvloop2", "--loop", "uvloop", "--workers", "2")
+        for proc in servers:
+            await proc.wait_ready()
         token = await one.token()
         status, body = await one.get("/wechat/token", type="access_token")
         bare_port = free_port()
@@ -85,6 +88,7 @@ async def main_async(args: argparse.Namespace, workdir: str) -> int:
             "token": (f"{one.base}/wechat/token?type=access_token", secret),
             "token x2": (f"{two.base}/wechat/token?type=access_token", secret),
             **({"uvloop": (f"{uv.base}/wechat/token?type=access_token", secret)} if uv is not None else {}),
+            **({"uvloop x2": (f"{uv2.base}/wechat/token?type=access_token", secret)} if uv2 is not None else {}),
             "face": (f"{one.base}/cgi-bin/token?grant_type=client_credential&appid={DEFAULT_APPID}&secret={DEFAULT_APPSECRET}", {}),
             "proxy": (f"{one.base}/cgi-bin/getcallbackip?access_token={token}", {}),
         }
@@ -99,8 +103,9 @@ async def main_async(args: argparse.Namespace, workdir: str) -> int:
         rss = {"token": [peak_rss_mb(one.pid)], "token x2": [peak_rss_mb(p) for p in children_running(two.pid, b"token_server.py")],
                "bare": [peak_rss_mb(bare.pid)]}
         rss["face"] = rss["proxy"] = rss["token"]
-        if uv is not None:
+        if uv is not None and uv2 is not None:
             rss["uvloop"] = [peak_rss_mb(uv.pid)]
+            rss["uvloop x2"] = [peak_rss_mb(p) for p in children_running(uv2.pid, b"token_server.py")]
         report(runs, rss, args)
     finally:
         for server in servers:
@@ -128,6 +133,9 @@ def report(runs: dict[str, list[Run]], rss: dict[str, list[float]], args: argpar
               f"{med(name, 'rps') / floor:7.2f} {errors:7d}  {memory}")
     print(f"p99 token / bare: {med('token', 'p99_ms') / med('bare', 'p99_ms'):.2f}; "
           f"token x2 / token: {med('token x2', 'rps') / med('token', 'rps'):.2f}")
+    if "uvloop" in runs:
+        print(f"uvloop / token: {med('uvloop', 'rps') / med('token', 'rps'):.2f}; "
+              f"uvloop x2 / uvloop: {med('uvloop x2', 'rps') / med('uvloop', 'rps'):.2f}")
 
 
 def main() -> int:

@@ -169,10 +169,15 @@ async def serve(cfg: Config, on_ready: Callable[[Running], Awaitable[None] | Non
     shutdown = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shutdown.set)
-    running = await start(cfg, config_file, sockets)
     reloads: set[asyncio.Future[Any]] = set()
+    pending = asyncio.Event()  # a SIGHUP that came while starting: the reload runs once started
+    running: Running | None = None
 
     def hup() -> None:
+        if running is None:
+            logger.info("SIGHUP while starting: the config is reloaded once the server is up")
+            pending.set()
+            return
         reloader: Reloader | None = running.service.extra.get("reloader")
         if reloader is None:
             logger.warning("SIGHUP: this server was started without a config file (--demo): nothing to reload")
@@ -182,8 +187,16 @@ async def serve(cfg: Config, on_ready: Callable[[Running], Awaitable[None] | Non
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
+    # Before anything else: a SIGHUP's default action would end the process mid-fetch.
     loop.add_signal_handler(signal.SIGHUP, hup)
     try:
+        running = await start(cfg, config_file, sockets)
+    except BaseException:
+        _ignore_sighup(loop)
+        raise
+    try:
+        if pending.is_set():
+            hup()
         if on_ready is not None:
             result = on_ready(running)
             if result is not None:
@@ -191,11 +204,19 @@ async def serve(cfg: Config, on_ready: Callable[[Running], Awaitable[None] | Non
         await shutdown.wait()
         logger.info("shutdown requested")
     finally:
-        loop.remove_signal_handler(signal.SIGHUP)
+        timeout = running.service.cfg.server.shutdown_timeout
+        loop.add_signal_handler(signal.SIGHUP, lambda: logger.warning("SIGHUP while stopping: no reload"))
         if reloads:
-            await asyncio.wait(reloads)  # a reload under way finishes before the parts close
-        await stop(running, running.service.cfg.server.shutdown_timeout)
+            await asyncio.wait(reloads, timeout=timeout)  # a reload under way finishes before the parts close
+        await stop(running, timeout)
+        _ignore_sighup(loop)
     return 0
+
+
+def _ignore_sighup(loop: asyncio.AbstractEventLoop) -> None:
+    """After the loop's handler: SIGHUP ignored (removing it would restore the default, which kills)."""
+    loop.remove_signal_handler(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 async def _quietly(reload: Awaitable[Any]) -> None:

@@ -15,7 +15,8 @@
 - ``wechat_token_webhook_retries_total{source}``: failed attempts followed by another.
 - ``wechat_token_webhook_failed_total{source,reason}``: deliveries given up: ``gave_up`` (the
   retry window ended), ``shutdown`` (dropped at stop), ``overflow`` (too many in flight, not
-  claimed), ``redis`` (no claim: Redis failed), ``error`` (a bug: see the log).
+  claimed), ``redis`` (no claim: Redis failed), ``forged`` (a message above the stored version:
+  no stored change made it), ``error`` (a bug: see the log).
 
 Alert on ``wechat_token_source_state{state="blocked"} == 1``, on ``seconds_left < 300``, on
 ``upstream_calls_today > 0.8 * daily_quota`` and on ``increase(webhook_failed_total[1h]) > 0``.

@@ -143,7 +143,10 @@ class Mirror:
         process fetched while Redis was unreachable: WeChat may already have retired the
         value Redis holds.  The put-back makes no upstream call.
         """
-        mem = self.states[name].entry
+        state = self.states.get(name)
+        if state is None:
+            return snap  # removed by a reload while this read was under way
+        mem = state.entry
         if mem is not None and mem.remaining() > MIN_PUT_BACK_LIFE and (
             # the value key alone is gone (a higher version that expired or was rejected is not)
             (snap.entry is None and snap.version <= mem.version)
@@ -216,7 +219,9 @@ class Mirror:
     def adopt(self, name: str, snap: Snapshot) -> None:
         """Take Redis's value, unless memory's is newer, and the block another instance
         announced (or its end)."""
-        state = self.states[name]
+        state = self.states.get(name)
+        if state is None:
+            return  # removed by a reload
         known = state.entry
         if snap.entry is not None:
             if known is None or known.remaining() <= 0 or snap.entry.version >= known.version:

@@ -24,6 +24,8 @@ import signal
 import time
 from collections.abc import Callable
 
+from server.embedded_redis import die_with_parent
+
 logger = logging.getLogger(__name__)
 
 MIN_LIFE = 10.0  # seconds: a child that dies younger than this doubles the restart delay
@@ -89,8 +91,10 @@ class Supervisor:
     def _spawn(self, index: int) -> None:
         pid = os.fork()
         if pid == 0:  # the child: its own signal handling (server.app.serve installs it)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve's handler: never fatal
+            die_with_parent()  # a SIGKILLed supervisor must not leave workers holding the port
             code = 1
             try:
                 code = self.child(index)

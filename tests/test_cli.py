@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 
+import pytest
 import redis
 
 from server.embedded_redis import free_port
@@ -19,12 +20,12 @@ from server.embedded_redis import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def start_demo(tmp_path) -> tuple[subprocess.Popen[str], int, str, str]:
+def start_demo(tmp_path, *extra: str) -> tuple[subprocess.Popen[str], int, str, str]:
     """``token_server.py --demo`` on a free port, its stderr in tmp_path/demo.err: (process,
     port, the banner it printed, the request secret the banner names)."""
     port = free_port()
     with open(tmp_path / "demo.err", "w") as err:
-        proc = subprocess.Popen([sys.executable, "token_server.py", "--demo", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "token_server.py", "--demo", "--port", str(port), *extra],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
     banner = ""
     deadline = time.monotonic() + 20
@@ -166,3 +167,18 @@ def test_an_unusable_embedded_redis_data_dir_is_a_config_error(tmp_path) -> None
     result = cli("-c", str(cfg))
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("config error: redis.data_dir: cannot use")
+
+
+@pytest.mark.parametrize("choice", ["asyncio", "uvloop"])
+def test_the_event_loop_is_the_one_asked_for(tmp_path, choice) -> None:
+    pytest.importorskip(choice)
+    proc, port, banner, secret = start_demo(tmp_path, "--loop", choice)
+    try:
+        assert secret, banner
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/wechat/token?type=access_token",
+                                                           headers={"X-Token-Secret": secret}), timeout=10) as resp:
+            assert json.load(resp)["access_token"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert f"event loop: {choice}" in (tmp_path / "demo.err").read_text()

@@ -7,6 +7,8 @@ the sandbox: embedding is one more instance, never one more fetcher.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import tornado.netutil
 import tornado.web
@@ -122,3 +124,32 @@ async def test_reload_in_process(host_app, call, sandbox, sandbox_url, redis_url
     status, _ = await call(port, "/tokens/wechat/token", headers={"X-Token-Secret": "shop-client-secret-0123456789ab"}, type="access_token")
     assert status == 200
     assert (await call(port, "/tokens/wechat/token", headers=AUTH, type="access_token"))[0] == 200
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_read_in_flight_when_a_reload_removes_its_source_does_not_crash(host_app, call, sandbox, sandbox_url, redis_url, redis_sync):
+    """README: "Requests in flight finish with the parts they started with".  A request for the
+    ticket whose Redis read is under way when a reload removes the ticket ends in a 500 (and an
+    "uncaught exception" traceback in the log): the read lands in Mirror._reconcile, which looks
+    up ``self.states[name]`` after Refresher.reconfigure popped it (server/mirror.py
+    _read_redis -> _reconcile; server/refresher.py reconfigure pops the state of a source with
+    no fetch under way at once)."""
+    tokens, port = await host_app()
+    assert "ticket" in tokens.service.refresher.sources
+    assert (await call(port, "/tokens/wechat/token", type="ticket"))[0] == 200
+    loop = asyncio.get_running_loop()
+    # Redis stalls for 1.6 s (a slow fork, a big KEYS): memory's confirmation ages past
+    # read_max_age (1 s), so the next read asks Redis and waits for it (up to 0.5 s).
+    stall = loop.run_in_executor(None, redis_sync.execute_command, "DEBUG", "SLEEP", "1.6")
+    await asyncio.sleep(1.2)
+    request = asyncio.ensure_future(call(port, "/tokens/wechat/token", type="ticket"))
+    await asyncio.sleep(0.1)
+    cfg = embedded_config(redis_url, sandbox_url)
+    cfg["accounts"]["main"]["tickets"] = []
+    changes = await tokens.reload(cfg)  # touches no Redis: done while Redis still sleeps
+    assert changes["removed"] == ["ticket"]
+    status, body = await request
+    await stall
+    # 200 (the value it started with) or a clean 404/503 would do; a 500 is a crash
+    assert status != 500, f"a request in flight during the reload crashed: {status} {body}"
+    assert (sandbox.calls[STABLE_TOKEN_PATH], sandbox.calls[TICKET_PATH]) == (1, 1)

@@ -221,3 +221,14 @@ async def test_sighup_reloads_a_running_process(token_servers, sandbox, sandbox_
     assert proc.alive()
     assert (await proc.get("/wechat/token", type="access_token", account="shop"))[0] == 200
     assert await proc.stop() == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_what_needs_a_restart_is_said_and_left_as_it_was(file_server, call, sandbox_url):
+    file_server.write(accounts={"main": main_account(sandbox_url)})
+    srv = await file_server.start()
+    before = srv.service.cfg
+    file_server.write(accounts={"main": main_account(sandbox_url)}, refresh={"interval": 5}, server={"shutdown_timeout": 3})
+    status, body = await call(srv.port, "/admin/reload", method="POST", body=b"")
+    assert status == 200 and body["restart_needed"] == ["refresh", "server.shutdown_timeout"]
+    assert srv.service.cfg.refresh == before.refresh and srv.service.cfg.server.shutdown_timeout == before.server.shutdown_timeout

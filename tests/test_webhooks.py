@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import time
 from typing import Any
 
@@ -377,3 +378,64 @@ def test_the_examples_commented_hook_passes_check() -> None:
     text = "server: {secret: a-long-random-request-secret-42}\naccounts:\n  main:\n" + main + "\n".join(block) + "\n"
     cfg = parse_config(text, env={"MAIN_APPSECRET": "s" * 32, "HOOK_SECRET": HOOK_SECRET}, source="example")
     assert [h.url for h in cfg.accounts["main"].notify] == ["https://hooks.example.com/wechat-token"]
+
+
+# --- an adversarial review's findings (each failed before its fix) ---------------------------
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_message_that_is_not_utf8_does_not_end_the_subscription(token_servers, sandbox, sandbox_url, redis_url, redis_sync, receiver):
+    """Anyone who may PUBLISH on Redis (any direct reader with the password) sends one message
+    that is not UTF-8: redis-py (decode_responses=True) raises UnicodeDecodeError from
+    get_message, which Subscriber._run does not catch (only RedisError, OSError): the
+    subscription task dies for good, ``subscribed`` stays set (the mirror keeps believing
+    events are live), no webhook is ever sent again, and Subscriber.stop() re-raises the
+    error at shutdown, so SIGTERM ends in a traceback and exit 1 (server/ops/events.py _run,
+    stop)."""
+    cfg = proc_config(redis_url, sandbox_url, refresh={"force_min_interval": 0}, sources=hooked_sources(sandbox_url, receiver.url + "/hook"))
+    proc = token_servers(cfg, "hooked")
+    proc.extra_env["HOOK_SECRET"] = HOOK_SECRET
+    proc.start()
+    await proc.wait_ready()
+    await wait_until(lambda: len(receiver.accepted()) == 1, 10, "the first value's delivery")
+
+    redis_sync.publish("wechat-token:events", b"\xff not an event")  # "nothing here trusts the shape"
+    await asyncio.sleep(0.5)
+
+    old = redis_sync.get("access_token")
+    status, _ = await proc.get("/wechat/token/forcerefresh", type="access_token", old=old)
+    assert status == 200
+    problems = []
+    try:
+        await wait_until(lambda: len(receiver.accepted()) == 2, 5, "the rotation's delivery")
+    except AssertionError as e:
+        problems.append(f"no webhook for the rotation after the bad message ({e})")
+    code = await proc.stop(signal.SIGTERM)
+    if code != 0:
+        problems.append(f"SIGTERM exit code {code}; log tail:\n{proc.log_tail(6)}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_forged_event_is_not_sent_to_the_hooks(token_servers, sandbox, sandbox_url, redis_url, redis_sync, receiver):
+    """Anyone who may PUBLISH on Redis makes every hook receive, signed with the hook's own
+    secret, an event no stored change made: here a "rotated" with a version far above any real
+    one.  A receiver that follows the README ("ignore a rotated whose version is not above the
+    last one seen") then ignores every real rotation for good.  The webhooks trust the message
+    as published (server/ops/webhooks.py on_event; server/ops/events.py parse_event checks the
+    shape only), never Redis's ``NAME:meta`` version."""
+    import json
+
+    cfg = proc_config(redis_url, sandbox_url, sources=hooked_sources(sandbox_url, receiver.url + "/hook"))
+    proc = token_servers(cfg, "hooked")
+    proc.extra_env["HOOK_SECRET"] = HOOK_SECRET
+    proc.start()
+    await proc.wait_ready()
+    await wait_until(lambda: len(receiver.accepted()) == 1, 10, "the first value's delivery")
+    stored = int(redis_sync.hget("access_token:meta", "version"))
+    forged = {"event": "rotated", "source": "access_token", "account": None, "id": "f" * 24,
+              "version": 10**17, "expires_at": 9999999999.0}
+    redis_sync.publish("wechat-token:events", json.dumps(forged))
+    await asyncio.sleep(1.0)
+    relayed = [d.event() for d in receiver.accepted()[1:]]  # signature checked with the README's verify()
+    assert not relayed, f"a forged event was signed and delivered: {relayed} (Redis holds version {stored})"

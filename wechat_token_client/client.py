@@ -219,7 +219,16 @@ class TokenClient:
             self._store(key, token)
             return token
 
-        return self._fly(("refresh", key, value), key, replace).value
+        try:
+            return self._fly(("refresh", key, value), key, replace).value
+        except BaseException:
+            # WeChat rejected ``value``: whatever went wrong here, never hand it out again
+            # from the cache (the server may well hold a new one by now).
+            with self._lock:
+                cached = self._cache.get(key)
+                if cached is not None and cached.value == value:
+                    del self._cache[key]
+            raise
 
     def invalidate(self, type: str = "access_token", account: str | None = None, *, appid: str | None = None) -> None:
         """Forget the cached value: the next :meth:`get` asks the server."""

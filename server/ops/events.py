@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ class Subscriber:
             task.cancel()
             try:
                 await task
-            except asyncio.CancelledError:
+            except BaseException:  # cancelled, or whatever ended it: a stop never raises
                 pass
 
     async def _run(self) -> None:
@@ -141,16 +140,22 @@ class Subscriber:
                     message = await pubsub.get_message(timeout=30.0)
                     if message is not None and message.get("type") == "message":
                         await self._dispatch(message.get("data"))
-            except (RedisError, OSError) as e:
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                # Redis gone, or a message the client could not even decode (anyone who can
+                # write to Redis can publish bytes that are not UTF-8): start over on a new
+                # connection.  Listeners are told at the new subscription, as after any gap.
                 if self.subscribed.is_set():
                     logger.warning("events: subscription to %s lost (%s); resubscribing", self.channel, type(e).__name__)
                 self.subscribed.clear()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max)
             finally:
+                self.subscribed.clear()
                 try:
                     await pubsub.aclose()
-                except (RedisError, OSError):
+                except Exception:
                     pass
 
     async def _dispatch(self, raw: Any) -> None:

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 _SECRET_ARGS = frozenset({"secret", "corpsecret", "appsecret", "component_appsecret"})
 #: config sections a running process keeps until a restart
 _RESTART_ONLY = ("redis", "refresh", "logging", "face")
+_SERVER_RESTART_ONLY = ("host", "port", "header_timeout", "shutdown_timeout")
 
 
 def _identity(src: SourceConfig) -> tuple[Any, ...]:
@@ -78,10 +79,19 @@ def check_reloadable(old: Config, new: Config) -> list[str]:
                 f"and readers of the key {name} would lose it: mark it default: true to keep the plain names"
             )
     later = [section for section in _RESTART_ONLY if getattr(old, section) != getattr(new, section)]
-    for key in ("host", "port", "header_timeout", "shutdown_timeout"):
+    for key in _SERVER_RESTART_ONLY:
         if getattr(old.server, key) != getattr(new.server, key):
             later.append(f"server.{key}")
+    if old.face and bool(old.accounts) != bool(new.accounts):
+        later.append("accounts (the API proxy is on with accounts, off without)")
     return later
+
+
+def in_force(old: Config, new: Config) -> Config:
+    """``new`` with what a running process keeps until a restart taken from ``old``."""
+    kept = {section: getattr(old, section) for section in _RESTART_ONLY}
+    server = dataclasses.replace(new.server, **{key: getattr(old.server, key) for key in _SERVER_RESTART_ONLY})
+    return dataclasses.replace(new, server=server, **kept)
 
 
 class Reloader:
@@ -119,6 +129,7 @@ async def apply(service: Service, new: Config) -> dict[str, Any]:
 
     old = service.cfg
     later = check_reloadable(old, new)
+    new = in_force(old, new)
     accounts = Accounts.from_config(new)
     redact.extend(new)  # first: the new secrets are masked before anything logs them
     # Accounts, owners and the gate change in one step with no await: the next request sees

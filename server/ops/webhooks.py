@@ -237,6 +237,17 @@ class Webhooks:
                 return
             if not claimed:
                 return  # another instance sends it
+            try:
+                genuine = await self._stored(event)
+            except RedisError as e:
+                self.metrics.webhook_failed.labels(event.source, "redis").inc()
+                logger.warning("webhook %s: %s not sent: cannot check it against Redis (%s)", hook.shown, what, type(e).__name__)
+                return
+            if not genuine:
+                self.metrics.webhook_failed.labels(event.source, "forged").inc()
+                logger.warning("webhook %s: %s not sent: its version is above the one Redis holds (a message no stored change made)",
+                               hook.shown, what)
+                return
             await self._send(event, hook, await self._body(event, hook, what), what)
         except asyncio.CancelledError:
             self.metrics.webhook_failed.labels(event.source, "shutdown").inc()
@@ -256,6 +267,18 @@ class Webhooks:
                 data["value"] = None
                 logger.warning("webhook %s: %s sent with value null: cannot read it (%s)", hook.shown, what, type(e).__name__)
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    async def _stored(self, event: Event) -> bool:
+        """Whether a stored change can have made ``event``: anyone who can write to Redis can
+        publish on the channel, but only the store's scripts raise the version, so an event
+        above the stored version is not ours (and would make receivers that follow the README
+        ignore every real rotation after it)."""
+        async with self._redis_slots:
+            version = await self.redis.hget(self.prefix + event.source + ":meta", "version")
+        try:
+            return version is not None and event.version <= int(float(version))
+        except ValueError:
+            return False
 
     async def _value(self, event: Event) -> str | None:
         """The value ``event`` announced, from the plain key; None once a newer one (or none) is stored."""
