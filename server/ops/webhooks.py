@@ -274,7 +274,7 @@ class Webhooks:
         above the stored version is not ours (and would make receivers that follow the README
         ignore every real rotation after it)."""
         async with self._redis_slots:
-            version = await self.redis.hget(self.prefix + event.source + ":meta", "version")
+            version = await self.redis.hget(self.keys.aux(event.source, "meta"), "version")
         try:
             return version is not None and event.version <= int(float(version))
         except ValueError:
