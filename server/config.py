@@ -100,6 +100,7 @@ class RedisConfig:
     port: int = opt(0, "embedded Redis: port on 127.0.0.1 (0 picks a free one)")
     socket_timeout: float = opt(2.0, "seconds before a Redis command counts as failed")
     sentinel: SentinelConfig | None = opt(None, "use Redis Sentinel instead of url")
+    cluster: bool = opt(False, "redis.url names one node of a Redis Cluster (any master or replica); the others are discovered from it")
 
 
 @dataclass(frozen=True)
@@ -421,6 +422,21 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("redis.sentinel: give either redis.url or redis.sentinel, not both")
     if cfg.redis.url is not None and not re.match(r"^(redis|rediss|unix)://", cfg.redis.url):
         raise ConfigError("redis.url: must start with redis://, rediss:// or unix://")
+    if cfg.redis.cluster:
+        if cfg.redis.sentinel is not None:
+            raise ConfigError("redis.cluster: a Redis Cluster fails over by itself; give redis.url (one of its nodes) and no redis.sentinel")
+        if cfg.redis.url is None:
+            raise ConfigError("redis.cluster: needs redis.url, the redis:// or rediss:// URL of one of the cluster's nodes (the embedded Redis is no cluster)")
+        if cfg.redis.url.startswith("unix://"):
+            raise ConfigError("redis.url: a Redis Cluster is reached over TCP; use redis:// or rediss://host:port of one of its nodes")
+        if urllib.parse.urlsplit(cfg.redis.url).path.strip("/") not in ("", "0"):
+            raise ConfigError("redis.url: a Redis Cluster has only database 0; drop the /N from the URL")
+        # A brace in a key is a hash tag to a cluster (server.store.Keys): a stray one would
+        # put a source's keys in different slots.
+        start = cfg.redis.prefix.find("{")
+        tagged = start >= 0 and cfg.redis.prefix.find("}", start + 1) > start + 1
+        if ("{" in cfg.redis.prefix or "}" in cfg.redis.prefix) and not tagged:
+            raise ConfigError("redis.prefix: on a Redis Cluster a brace starts a hash tag; use no braces, or one whole tag such as {wechat}:")
     if cfg.redis.sentinel is not None:
         if not cfg.redis.sentinel.hosts:
             raise ConfigError('redis.sentinel.hosts: list at least one "host:port"')

@@ -5,7 +5,9 @@ an upstream call, per client and source.  Counting in Redis makes a limit hold f
 whole deployment: N instances behind a load balancer allow the configured number, not N
 times it.  ``limits`` (the library behind Flask-Limiter) does the counting with its own
 atomic Redis scripts, on the same connection pool as the store, so nothing here is a
-hand-written window.
+hand-written window.  On a Redis Cluster (``redis.cluster``) it is ``limits``' cluster
+storage on our cluster client: each of its commands touches one key, so the keys need no
+hash tag (a client's count lives in whichever slot its key hashes to).
 
 Fixed windows of one minute (``limits``' FixedWindowRateLimiter): at most ``2 * limit - 1``
 events can fall in a 60-second span straddling two windows, fine for these limits.
@@ -36,9 +38,10 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from limits import RateLimitItemPerMinute
 from limits import strategies as sync_strategies
-from limits.aio.storage import RedisStorage
+from limits.aio.storage import RedisClusterStorage, RedisStorage
 from limits.aio.strategies import FixedWindowRateLimiter
 from limits.storage import MemoryStorage
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
@@ -69,10 +72,15 @@ class SharedLimit:
     def __init__(self, redis: aioredis.Redis, prefix: str, name: str, per_minute: int) -> None:
         self.name = name
         self.item = RateLimitItemPerMinute(per_minute)
-        # limits types its options as scalars, but its redispy bridge takes a connection pool
-        # (and so shares the store's connections, Sentinel included).
-        pool: Any = redis.connection_pool
-        storage = RedisStorage("async+redis://", implementation="redispy", connection_pool=pool, key_prefix=f"{prefix}wechat-token:limits")
+        key_prefix = f"{prefix}wechat-token:limits"
+        storage: RedisStorage
+        if isinstance(redis, RedisCluster):
+            storage = _ClusterStorage(redis, key_prefix)
+        else:
+            # limits types its options as scalars, but its redispy bridge takes a connection pool
+            # (and so shares the store's connections, Sentinel included).
+            pool: Any = redis.connection_pool
+            storage = RedisStorage("async+redis://", implementation="redispy", connection_pool=pool, key_prefix=key_prefix)
         self._shared = FixedWindowRateLimiter(storage)
         self._alone = sync_strategies.FixedWindowRateLimiter(MemoryStorage())  # while Redis is away
         self._counts: OrderedDict[str, _Count] = OrderedDict()
@@ -178,6 +186,27 @@ class SharedLimit:
         if self._redis_down_logged:
             logger.info("rate limit %s: counting in redis again", self.name)
             self._redis_down_logged = False
+
+
+class _ClusterStorage(RedisClusterStorage):
+    """``limits``' Redis Cluster storage on a cluster client of ours (server.store.build_redis),
+    so its connections are the ones app.stop closes: left alone, it would build a RedisCluster
+    of its own per limit from a URI, connections nobody closes.
+
+    ``configure_bridge`` is where ``limits``' own storages pick their client (basic, sentinel,
+    cluster); the bridge's ``storage`` and ``connection_getter`` are what its commands use
+    (limits 5.x).
+    """
+
+    def __init__(self, client: RedisCluster, key_prefix: str) -> None:
+        self._client = client
+        # The URI only chooses the scheme: the client already knows the cluster.
+        super().__init__("async+redis+cluster://", implementation="redispy", key_prefix=key_prefix)
+
+    def configure_bridge(self) -> None:
+        bridge: Any = self.bridge
+        bridge.storage = self._client
+        bridge.connection_getter = lambda _readonly: self._client
 
 
 def retry_after_header(seconds: float) -> str:

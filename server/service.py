@@ -245,6 +245,17 @@ async def check_redis(store: Store, cfg: Config, url: str | None) -> None:
         await store.ping()
     except RedisError as e:
         raise StartupError(f"cannot use Redis at {where}: {type(e).__name__}: {_first_line(e)}; check redis.url / redis.password") from None
+    if not cfg.redis.cluster and await _is_cluster_node(store):
+        raise StartupError(f"the Redis at {where} is a node of a Redis Cluster; set redis.cluster: true")
+
+
+async def _is_cluster_node(store: Store) -> bool:
+    """Whether a plain client talks to a Redis Cluster node (it would get MOVED for every key
+    of another node's slots).  A Redis that refuses INFO (some cloud proxies) is taken as none."""
+    try:
+        return bool((await store.redis.info("cluster")).get("cluster_enabled"))
+    except RedisError:
+        return False
 
 
 def _safe_url(url: str) -> str:

