@@ -437,6 +437,12 @@ def validate(cfg: Config) -> Config:
         tagged = start >= 0 and cfg.redis.prefix.find("}", start + 1) > start + 1
         if ("{" in cfg.redis.prefix or "}" in cfg.redis.prefix) and not tagged:
             raise ConfigError("redis.prefix: on a Redis Cluster a brace starts a hash tag; use no braces, or one whole tag such as {wechat}:")
+        platforms = [name for name, acc in cfg.accounts.items() if acc.kind == "component"]
+        if platforms:
+            # Its scripts touch an authorizer's keys and the shared schedule at once: different
+            # slots.  Not built for a cluster yet (README, Redis Cluster).
+            raise ConfigError(f"accounts.{platforms[0]}: a third-party platform (kind: component) needs a single Redis "
+                              "(with Sentinel if you like), not redis.cluster: its schedule and authorizers share scripts")
     if cfg.redis.sentinel is not None:
         if not cfg.redis.sentinel.hosts:
             raise ConfigError('redis.sentinel.hosts: list at least one "host:port"')

@@ -85,6 +85,16 @@ def test_cluster_config_mistakes_are_one_line(redis_section, message):
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
+def test_a_third_party_platform_is_refused_on_a_cluster():
+    from helpers_platform import platform_sections
+
+    raw = {"server": {"secret": TEST_SECRET}, "redis": {"cluster": True, "url": "redis://h:7000"},
+           **platform_sections("http://127.0.0.1:1")}
+    with pytest.raises(ConfigError) as e:
+        parse_config(yaml.safe_dump(raw), env={}, source="test")
+    assert str(e.value).startswith("accounts.myplatform: a third-party platform (kind: component) needs a single Redis")
+
+
 def test_a_prefix_holding_a_whole_hash_tag_is_taken_on_a_cluster():
     raw = {"server": {"secret": TEST_SECRET}, "redis": {"cluster": True, "url": "redis://h:7000", "prefix": "{wechat}:"},
            "sources": sandbox_sources("http://127.0.0.1:1")}
