@@ -146,6 +146,7 @@ async def test_serves_tokens_with_every_key_of_a_source_in_one_slot(cluster, mak
     assert {n: s["calls_today"] for n, s in body["sources"].items()} == {"access_token": 2, "ticket": 1, "wx_card_ticket": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=60)
 async def test_two_instances_make_one_upstream_call_per_rotation(cluster, make_config, sandbox_url, start_server, sandbox):
     # Both start while the first token call hangs: the second waits for the first's value.

@@ -159,6 +159,7 @@ async def test_a_fetch_cancelled_by_sigterm_is_a_lost_answer(token_servers, sand
 # --- item 4: WeChat slower than refresh.timeout on the classic endpoint ----------------------
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=90)
 async def test_a_slow_wechat_does_not_leave_a_dead_token_served(start_server, make_config, call, sandbox):
     # Every token call takes 2.5 s at WeChat, which issues the token anyway; our timeout is

@@ -58,6 +58,7 @@ async def test_three_processes_start_with_one_fetch_and_restart_with_none(token_
     assert sandbox.token_status(token) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=60)
 async def test_one_upstream_call_per_rotation_across_processes(token_servers, sandbox, sandbox_url, redis_url, redis_sync):
     sandbox.expires_in = 6  # seconds; with ahead 3 a rotation about every 3 s

@@ -33,6 +33,7 @@ def own_redis(tmp_path):
     yield from _own_redis(tmp_path, persistent=False)
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=60)
 async def test_redis_killed_then_restarted_empty(token_servers, sandbox, sandbox_url, own_redis, tmp_path):
     sandbox.expires_in = 6  # seconds; ahead 3: a rotation about every 3 s

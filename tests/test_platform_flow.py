@@ -17,6 +17,7 @@ pytestmark = pytest.mark.timeout(60)
 AUTHORIZER = "wxauthorizer000001"
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=50)
 async def test_whole_flow(make_config, start_server, sandbox, sandbox_url, call, redis_sync) -> None:
     sandbox.expires_in = 8  # every token and ticket: refreshed within seconds

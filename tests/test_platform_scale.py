@@ -35,6 +35,7 @@ def fast(make_config, sandbox_url, **platform):
     return make_config(refresh={"interval": 0.5, "ahead": 3, "max_ttl": 7000, "timeout": 2}, **platform_sections(sandbox_url, **platform))
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=80)
 async def test_61023_blocks_one_authorizer_only(make_config, start_server, sandbox, sandbox_url, call) -> None:
     sandbox.expires_in = 8
@@ -65,6 +66,7 @@ async def test_61023_blocks_one_authorizer_only(make_config, start_server, sandb
     assert page["scheduled"] == 20 and page["blocked"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=80)
 async def test_two_instances_share_the_work(make_config, start_server, sandbox, sandbox_url, call) -> None:
     sandbox.expires_in = 6
@@ -113,6 +115,7 @@ async def test_restart_with_valid_tokens_makes_no_call(make_config, start_server
     assert status == 200 and body["access_token"] == sandbox.component.current_token(many[3])
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=60)
 async def test_lost_answer_cuts_the_stored_token_to_the_overlap(make_config, start_server, sandbox, sandbox_url, call, redis_sync) -> None:
     sandbox.expires_in = 30
@@ -133,6 +136,7 @@ async def test_lost_answer_cuts_the_stored_token_to_the_overlap(make_config, sta
     assert status == 200 and sandbox.token_status(body["access_token"]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=60)
 async def test_the_platform_refused_pauses_every_authorizer(make_config, start_server, sandbox, sandbox_url, call) -> None:
     """61004 (this server's IP is not on the platform's whitelist) is the platform's fault:
