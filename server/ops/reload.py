@@ -151,6 +151,8 @@ async def apply(service: Service, new: Config) -> dict[str, Any]:
         service.webhooks.configure(new)
     service.cfg = new
     sources = {name: Source(src) for name, src in new.sources.items()}
+    if service.platforms is not None:
+        sources.update(service.platforms.sources())  # the component tokens carry their verify tickets
     # notify (webhooks) is no part of the request: a source whose hooks alone changed is not "changed"
     changed = sorted(n for n in old.sources.keys() & new.sources.keys()
                      if dataclasses.replace(old.sources[n], notify=[]) != dataclasses.replace(new.sources[n], notify=[]))

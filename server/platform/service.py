@@ -94,6 +94,11 @@ class Platforms:
             platforms[name] = Platform(parts, crypto)
         return cls(store, platforms, cfg.platform, cfg.refresh) if platforms else None
 
+    def sources(self) -> dict[str, Source]:
+        """Each platform's component-token source, the very object its verify tickets feed:
+        a reload keeps these in place of plain ones (a platform itself changes by a restart)."""
+        return {p.parts.source: p.parts.tickets.source for p in self.by_name.values()}
+
     # --- lifecycle -------------------------------------------------------------------------
 
     async def load(self) -> None:
