@@ -64,7 +64,8 @@ def make_app(service: Service, sessions: Sessions | None = None) -> tornado.web.
     )
     # --- the operator's status page (server.web), before the face's catch-all proxy ---
     if sessions is not None:
-        app.wildcard_router.add_rules(status_page_routes(sessions, deps))
+        more = service.platforms.page_summary if service.platforms is not None else None
+        app.wildcard_router.add_rules(status_page_routes(sessions, deps, more=more))
     # --- the WeChat-shaped face (server.face) ---
     if service.face is not None:
         add_face(app, service.face, deps)

@@ -253,7 +253,7 @@ class Platforms:
                 out[p.parts.source] = why
         return out
 
-    async def status(self, p: Platform, offset: int, count: int) -> dict[str, Any]:
+    async def status(self, p: Platform, offset: int, count: int, blocked_max: int = 100) -> dict[str, Any]:
         """A summary and one page of authorizers by due time (no token, no refresh token)."""
         counts = await p.parts.schedule.counts()
         page = await p.parts.schedule.page(offset, count)
@@ -267,7 +267,7 @@ class Platforms:
                          "due_in": round((due - now_ms) / 1000, 1), "state": state.get("state", ""),
                          "failures": int(state.get("failures") or 0)})
         blocked = []
-        for appid in await p.parts.schedule.blocked(100):
+        for appid in await p.parts.schedule.blocked(blocked_max):
             state = await p.parts.store.state(appid)
             blocked.append({"appid": appid, "errcode": int(state.get("errcode") or 0)})
         worker = p.worker
@@ -280,3 +280,9 @@ class Platforms:
             "offset": offset, "authorizers": rows,
             "blocked_authorizers": blocked,  # at most 100; the merchant must authorise again
         }
+
+    async def page_summary(self) -> dict[str, Any]:
+        """The operator's status page's part (server.web): per platform, the counts, the next
+        ten authorizers due and up to twenty blocked ones (the merchant must authorise again).
+        Bounded whatever the number of authorizers."""
+        return {"platforms": [await self.status(p, 0, 10, blocked_max=20) for p in self.by_name.values()]}

@@ -23,6 +23,7 @@ import html
 import json
 import logging
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ from server.web.session import Sessions
 from server.web.status_view import page_data
 
 logger = logging.getLogger(__name__)
+
+#: more of the page's data, read at each poll (bounded to 2 s)
+MoreData = Callable[[], Awaitable[dict[str, Any]]]
 
 STATIC = Path(__file__).parent / "static"
 #: seconds between two polls of the data endpoint by the page
@@ -69,12 +73,14 @@ class PageHandler(BaseHandler):
 
     needs_auth = False  # the session cookie, checked by each method, is the credential
 
-    def initialize(  # type: ignore[override]  # the API's dependencies plus the page's own two
-        self, refresher: Refresher, auth: Authenticator, active: ActiveRequests, accounts: Accounts, sessions: Sessions, assets: Assets
+    def initialize(  # type: ignore[override]  # the API's dependencies plus the page's own
+        self, refresher: Refresher, auth: Authenticator, active: ActiveRequests, accounts: Accounts, sessions: Sessions, assets: Assets,
+        more: MoreData | None = None,
     ) -> None:
         super().initialize(refresher, auth, active, accounts)
         self.sessions = sessions
         self.assets = assets
+        self.more = more
         self.session: str | None = None
 
     def set_default_headers(self) -> None:
@@ -209,6 +215,11 @@ class DataHandler(PageHandler):
         except (RedisError, asyncio.TimeoutError):
             holders = {}  # the page still shows what this process knows
         data = page_data(self.refresher, self.accounts, self.auth.redact, holders)
+        if self.more is not None:  # e.g. the third-party platforms' summaries (server.platform)
+            try:
+                data.update(await asyncio.wait_for(self.more(), 2.0))
+            except (RedisError, asyncio.TimeoutError):
+                pass  # the page still shows the sources
         self.finish({**data, "csrf": self.sessions.csrf_token(sid), "poll_seconds": POLL_SECONDS})
 
 
@@ -255,9 +266,10 @@ class PageNotFoundHandler(PageHandler):
         raise tornado.web.HTTPError(404, reason="not found")
 
 
-def status_page_routes(sessions: Sessions, deps: dict[str, Any], assets: Assets | None = None) -> list[Any]:
-    """The page's routes, each handler given ``deps`` (the API's) plus the sessions and files."""
-    args = {**deps, "sessions": sessions, "assets": assets or Assets.load()}
+def status_page_routes(sessions: Sessions, deps: dict[str, Any], assets: Assets | None = None, more: MoreData | None = None) -> list[Any]:
+    """The page's routes, each handler given ``deps`` (the API's) plus the sessions and files;
+    ``more()`` adds its keys to the page's data (the third-party platforms' summaries)."""
+    args = {**deps, "sessions": sessions, "assets": assets or Assets.load(), "more": more}
     return [
         (r"/wechat/status", PageRootHandler, args),
         (r"/wechat/status/", StatusPageHandler, args),

@@ -88,8 +88,48 @@
     for (const [name, c] of cards) {
       if (!seen.has(name)) { c.el.remove(); cards.delete(name); }
     }
+    renderPlatforms(data.platforms || []);
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
     tick();
+  }
+
+  // Third-party platforms: a summary per platform, never a list of all its authorizers.
+  function add(parent, tag, text, cls) {
+    const el = document.createElement(tag);
+    if (text !== undefined) el.textContent = text;
+    if (cls) el.className = cls;
+    parent.appendChild(el);
+    return el;
+  }
+
+  function renderPlatforms(platforms) {
+    const box = document.getElementById("platforms");
+    box.replaceChildren();
+    box.hidden = platforms.length === 0;
+    for (const p of platforms) {
+      const card = add(box, "section", undefined, "card platform");
+      card.dataset.platform = p.platform;
+      const head = add(card, "div", undefined, "head");
+      add(head, "h2", "platform " + p.platform + " (" + p.appid + ")", "name");
+      const state = p.verify_ticket === "held" ? ["ok", "verify ticket held"] : ["novalue", "waiting for a verify ticket"];
+      add(head, "span", state[1], "state " + state[0]);
+      add(card, "p", (p.scheduled || 0) + " authorizers scheduled · " + (p.due || 0) + " due now · "
+        + (p.claimed || 0) + " being refreshed · " + (p.blocked || 0) + " blocked", "muted counts");
+      const blocked = p.blocked_authorizers || [];
+      if (blocked.length) {
+        const trouble = add(card, "div", undefined, "trouble");
+        add(trouble, "p", blocked.length + (p.blocked > blocked.length ? " of " + p.blocked : "") + " blocked authorizer"
+          + (blocked.length > 1 ? "s" : "") + ": the merchant must authorise again", "problem-line");
+        const list = add(trouble, "ul", undefined, "blocked-list");
+        for (const b of blocked) add(list, "li", b.appid + " (errcode " + b.errcode + ")");
+      }
+      const next = p.authorizers || [];
+      if (next.length) {
+        add(card, "p", "Next due:", "muted");
+        const list = add(card, "ul", undefined, "due-list");
+        for (const a of next) add(list, "li", a.appid + " · " + a.what + " · " + (a.due_in > 0 ? "in " + fmtLeft(a.due_in) : "due now") + " · " + a.state);
+      }
+    }
   }
 
   function renderTrouble(el, src) {
