@@ -189,7 +189,7 @@ class SharedLimit:
 
 
 class _ClusterStorage(RedisClusterStorage):
-    """``limits``' Redis Cluster storage on a cluster client of ours (server.store.build_redis),
+    """``limits``' Redis Cluster storage on a cluster client of ours (server.redis_client.build_redis),
     so its connections are the ones app.stop closes: left alone, it would build a RedisCluster
     of its own per limit from a URI, connections nobody closes.
 

@@ -36,9 +36,10 @@ from server.ops.readiness import Readiness
 from server.ops.webhooks import SHUTDOWN_WAIT, Webhooks
 from server.platform.service import Platforms
 from server.ratelimit import SharedLimit
+from server.redis_client import build_redis
 from server.refresher import Refresher
 from server.sources import Source
-from server.store import Store, build_redis
+from server.store import Store
 from server.upstream import Upstream
 
 logger = logging.getLogger(__name__)

@@ -29,8 +29,9 @@ from server.config import ConfigError, RedisConfig
 from server.config_file import parse_config
 from server.ops.events import Subscriber
 from server.ratelimit import SharedLimit
+from server.redis_client import build_redis
 from server.sandbox import TICKET_PATH, TOKEN_PATH
-from server.store import Entry, Keys, Store, build_redis, events_channel
+from server.store import Entry, Keys, Store, events_channel
 
 SOURCES = ("access_token", "ticket", "wx_card_ticket")
 

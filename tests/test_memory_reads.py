@@ -15,8 +15,9 @@ from helpers_procs import proc_config
 from test_events import Listener
 
 from server.config import RedisConfig
+from server.redis_client import build_redis
 from server.sandbox import TOKEN_PATH
-from server.store import Entry, Store, build_redis
+from server.store import Entry, Store
 
 
 def redis_reads(redis_sync) -> int:

@@ -9,7 +9,7 @@ import pytest
 from server.config import RedisConfig
 from server.embedded_redis import EmbeddedRedis
 from server.ratelimit import CACHE_SECONDS, SharedLimit, retry_after_header
-from server.store import build_redis
+from server.redis_client import build_redis
 
 
 @pytest.fixture

@@ -527,7 +527,8 @@ def test_reprs_show_no_secret(make_config, redis_url):
     cfg = make_config(clients=CLIENTS, jwt=JWT_CFG, redis={"url": redis_url.replace("redis://", "redis://:url-pass-0123456789@"), "password": "redis-pass-0123456789"})
     source = Source(cfg.sources["access_token"])
     from server.app import shared_limits
-    from server.store import Store, build_redis
+    from server.redis_client import build_redis
+    from server.store import Store
 
     store = Store(build_redis(cfg.redis), cfg.redis.prefix)  # no connection is made
     auth = Authenticator(cfg, *shared_limits(store.redis, cfg))

@@ -7,7 +7,8 @@ import time
 import pytest
 
 from server.config import RedisConfig
-from server.store import Block, Entry, Store, build_redis
+from server.redis_client import build_redis
+from server.store import Block, Entry, Store
 
 
 @pytest.fixture
