@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from helpers_platform import authorise, platform_sections, ready_platform
+from helpers_platform import authorise, platform_sections, ready_platform, wait_for
 
 from server.sandbox.common import TICKET_PATH
 from server.sandbox.component import DEFAULT_COMPONENT_APPID
@@ -34,6 +34,27 @@ async def test_a_ticket_wechat_refuses_for_good_is_not_fetched_again_soon(make_c
     calls = sandbox.calls[TICKET_PATH] - before
     # an exponential backoff (0.5, 1, 2, 4 s ...) makes at most 5 in 10 s; "do not retry" none
     assert calls <= 5, f"{calls} getticket calls in 10 s for a ticket WeChat refuses with 48001, nobody asking"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_ticket_failing_for_a_while_backs_off_exponentially(make_config, start_server, sandbox, sandbox_url, call, redis_sync) -> None:
+    """-1 (system busy) is transient: retried, each wait about twice the one before (0.5-1 s,
+    1-2 s, 2-4 s ...: at most 3 retries in 6 s; a constant second would make 6 or more)."""
+    running = await start_server(make_config(**platform_sections(sandbox_url)))
+    await ready_platform(sandbox, running.port)
+    await authorise(sandbox, call, running.port, AUTHORIZER)
+    sandbox.inject(TICKET_PATH, "errcode", errcode=-1, errmsg="system error", times=None)
+    before = sandbox.calls[TICKET_PATH]
+    status, _ = await call(running.port, "/wechat/token", type="ticket", appid=AUTHORIZER)
+    assert status == 503
+    await asyncio.sleep(6)
+    calls = sandbox.calls[TICKET_PATH] - before
+    assert 2 <= calls <= 4, f"{calls} getticket calls in 6 s while WeChat answered -1"
+    failures = int(redis_sync.hget(f"{{myplatform.{AUTHORIZER}.access_token}}:meta", "ticket_failures"))
+    assert calls - 1 <= failures <= calls  # counted in Redis (the last call's answer may be in the air)
+    sandbox.clear_faults()
+    await wait_for(lambda: redis_sync.get(f"myplatform.{AUTHORIZER}.ticket"), 10, "the ticket once WeChat answers")
+    assert redis_sync.hget(f"{{myplatform.{AUTHORIZER}.access_token}}:meta", "ticket_failures") is None
 
 
 @pytest.mark.gen_test(timeout=60)

@@ -157,7 +157,7 @@ class AuthorizerStore:
         return int(await self.redis.hincrby(keys.authorizer_meta(self.prefix, self.platform, appid), "failures", 1))
 
     async def ticket_failed(self, appid: str, errcode: int | None, why: str) -> int:
-        """Note a failed jsapi ticket fetch (``why``: safe to show, no value); the failures in a row."""
+        """Note a failed jsapi ticket fetch (``why``: for operators, no value); the failures in a row."""
         meta = keys.authorizer_meta(self.prefix, self.platform, appid)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hincrby(meta, "ticket_failures", 1)
@@ -166,9 +166,13 @@ class AuthorizerStore:
         return int(failures)
 
     async def ticket_error(self, appid: str) -> str | None:
-        """The last jsapi ticket failure (safe to show), or None when the last fetch worked."""
-        raw = await self.redis.hget(keys.authorizer_meta(self.prefix, self.platform, appid), "ticket_errmsg")
-        return str(raw) if raw else None
+        """What a client may see of the last jsapi ticket failure (WeChat's errcode, never its
+        errmsg), or None when the last fetch worked."""
+        raw = await self.redis.hmget(keys.authorizer_meta(self.prefix, self.platform, appid), "ticket_failures", "ticket_errcode")
+        failures, errcode = (str(v) if v is not None else "" for v in raw)
+        if not failures:
+            return None
+        return f"getticket failed: errcode {errcode}" if errcode not in ("", "0") else "getticket failed: no answer"
 
     async def mark_rejected(self, appid: str, token: str, seconds: float) -> None:
         """Note for ``seconds`` that WeChat rejected ``token`` right after it was fetched in answer

@@ -249,8 +249,7 @@ class Platforms:
                 value = await p.parts.store.ticket(appid)
             if value is None:
                 error = await p.parts.store.ticket_error(appid)
-                why = f"its ticket could not be fetched: {error}" if error else "its ticket could not be fetched"
-                raise Unavailable(f"authorizer {appid}: no jsapi ticket ({await self._why(p, appid, why)})")
+                raise Unavailable(await self._why(p, appid, f"no jsapi ticket; {error or 'it could not be fetched yet'}"))
         except RedisError as e:
             return self._remembered(key, appid, e)
         return self.memory.keep(key, value)
