@@ -24,8 +24,10 @@ path prefix::
 Mounted handlers: the API (``/wechat/token``, ``/wechat/token/forcerefresh``,
 ``/wechat/jssdk/config``, ``/healthz``, ``/readyz``, ``/status``, ``/metrics``) and, with
 ``face: true``, the face's token and ticket answers (``/cgi-bin/token``...), all under the
-prefix.  The status page and the API proxy need the standalone server (they own paths at
-the root).  ``server.host``/``server.port`` are not used: the host application listens.
+prefix, and with a third-party platform (``kind: component``) its routes
+(``/wechat/component/events``, ``/wechat/component/authorizers``, ``/wechat/component/status``,
+authorizer appids on ``/wechat/token``), also under the prefix: point the platform's event URL
+there.  The status page and the API proxy need the standalone server (they own paths at the root).  ``server.host``/``server.port`` are not used: the host application listens.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from server.config_file import config_from_dict, load_config
 from server.face import face_routes
 from server.handlers import log_request
 from server.ops.reload import Reloader, apply
+from server.platform.handlers import platform_routes
 from server.service import Service
 from server.state import Unavailable
 
@@ -77,6 +80,8 @@ class TokenService:
         """The routes to add to the host application, under ``prefix`` ("/tokens", or "")."""
         prefix = prefix.rstrip("/")
         rules = self.service.routes(prefix)
+        if self.service.platforms is not None:  # first: they take over /wechat/token for authorizer appids
+            rules = platform_routes(self.service.platforms, self.service.deps, prefix) + rules
         if self.service.face is not None:
             face_rules, _, _ = face_routes(self.service.face, self.service.deps)
             rules += [(prefix + pattern, handler, args) for pattern, handler, args in face_rules if not pattern.startswith("/wechat/")]

@@ -33,7 +33,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from server import __version__
 
-STATES = ("ok", "backoff", "blocked", "quota")
+STATES = ("ok", "backoff", "blocked", "quota", "waiting")
 
 
 class Metrics:

@@ -441,12 +441,15 @@ class Refresher:
         for name, s in list(self.states.items()):
             block = s.blocked(now)
             st = ("quota" if block.kind == "quota" else "blocked") if block else "backoff" if s.failures else "ok"
+            valid = s.entry is not None and s.entry.remaining() > 0
+            source = self._known.get(name)
+            waits = source.waiting() if source is not None and st == "ok" and not valid else None
             calls_today, quota = self.calls.today(name)
             out[name] = {
-                "state": st,
-                "expires_in": int(s.entry.remaining()) if s.entry and s.entry.remaining() > 0 else 0,
+                "state": "waiting" if waits else st,  # e.g. a component token before its first verify ticket
+                "expires_in": int(s.entry.remaining()) if s.entry and valid else 0,
                 "failures": s.failures,
-                "last_error": s.last_error,
+                "last_error": s.last_error or (waits or ""),
                 "upstream_calls": s.upstream_calls,
                 "calls_today": calls_today,
                 "quota": quota,

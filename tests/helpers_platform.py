@@ -16,7 +16,8 @@ from server.sandbox.component import (
 )
 from server.sandbox.component_handlers import push
 
-__all__ = ["AUTHORIZER_TOKEN_PATH", "COMPONENT_TOKEN_PATH", "QUERY_AUTH_PATH", "platform_sections", "push_event", "wait_for"]
+__all__ = ["AUTHORIZER_TOKEN_PATH", "COMPONENT_TOKEN_PATH", "QUERY_AUTH_PATH", "authorise", "platform_sections", "push_event",
+           "ready_platform", "wait_for"]
 
 
 def platform_sections(sandbox_url: str, **platform: Any) -> dict[str, Any]:
@@ -47,3 +48,17 @@ async def wait_for(predicate: Any, timeout: float, what: str, interval: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def ready_platform(sandbox: Sandbox, port: int) -> None:
+    """Push a verify ticket to the server on ``port`` and wait for its component token."""
+    assert await push_event(sandbox, port, "component_verify_ticket") == (200, "success")
+    await wait_for(lambda: sandbox.calls[COMPONENT_TOKEN_PATH] >= 1, 5, "the component token")
+
+
+async def authorise(sandbox: Sandbox, call: Any, port: int, *appids: str) -> None:
+    """Each of ``appids`` authorises the default platform; the operator posts each code."""
+    for appid in appids:
+        code = sandbox.component.authorize(DEFAULT_COMPONENT_APPID, appid)
+        status, body = await call(port, "/wechat/component/authorizers", method="POST", body=f'{{"authorization_code": "{code}"}}'.encode())
+        assert status == 200 and body["authorizer_appid"] == appid, body

@@ -1,6 +1,7 @@
 """A third-party platform end to end on the sandbox: verify ticket push -> component token ->
 authorisation event -> authorizer token (served, plain key, proxy, lazy JS-SDK ticket) ->
-refresh (with refresh-token rotation) -> unauthorised.  Upstream calls counted at the sandbox."""
+refresh (with refresh-token rotation) -> unauthorised; /status while the verify ticket is awaited.
+Upstream calls counted at the sandbox."""
 
 from __future__ import annotations
 
@@ -89,3 +90,22 @@ async def test_whole_flow(make_config, start_server, sandbox, sandbox_url, call,
     assert ("rotated", "ticket") in kinds and kinds[-1] == ("dropped", "access_token")
     assert all(e["account"] == "myplatform" and set(e) == {"event", "source", "account", "id", "version", "expires_at"} for e in mine)
     events.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_status_says_the_component_token_waits_for_its_verify_ticket(make_config, start_server, sandbox, sandbox_url, call) -> None:
+    """Before the first verify ticket /status says ``waiting`` (and why), not ``ok``; once the
+    ticket came and the token was fetched, ``ok``."""
+    running = await start_server(make_config(**platform_sections(sandbox_url)))
+    status, body = await call(running.port, "/status")
+    state = body["sources"]["myplatform.component_access_token"]
+    assert status == 200 and state["state"] == "waiting", f"/status before any verify ticket: {state}"
+    assert "component_verify_ticket" in state["last_error"]
+    assert await push_event(sandbox, running.port, "component_verify_ticket") == (200, "success")
+
+
+    async def ok() -> bool:
+        _, body = await call(running.port, "/status")
+        return body["sources"]["myplatform.component_access_token"]["state"] == "ok"
+
+    await wait_for(ok, 5, "the component token ok on /status")

@@ -1,5 +1,6 @@
-"""Authorizers in numbers: a 61023 blocks one authorizer only; two instances share the work
-with no authorizer refreshed twice; a restart with valid tokens in Redis makes no call."""
+"""Authorizers in numbers: a 61023 blocks one authorizer only (and none whose refresh token was
+replaced meanwhile); two instances share the work with no authorizer refreshed twice; a
+restart with valid tokens in Redis makes no call; a lease too short for a call still refreshes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import asyncio
 import collections
 
 import pytest
-from helpers_platform import AUTHORIZER_TOKEN_PATH, COMPONENT_TOKEN_PATH, QUERY_AUTH_PATH, platform_sections, push_event, wait_for
+from helpers_platform import (
+    AUTHORIZER_TOKEN_PATH,
+    COMPONENT_TOKEN_PATH,
+    QUERY_AUTH_PATH,
+    authorise,
+    platform_sections,
+    ready_platform,
+    wait_for,
+)
 
 from server.app import stop
 from server.sandbox.component import DEFAULT_COMPONENT_APPID
@@ -17,18 +26,6 @@ pytestmark = pytest.mark.timeout(90)
 
 def appids(n: int) -> list[str]:
     return [f"wxauth{i:012d}" for i in range(n)]
-
-
-async def authorise(sandbox, call, port, authorizers) -> None:
-    for appid in authorizers:
-        code = sandbox.component.authorize(DEFAULT_COMPONENT_APPID, appid)
-        status, body = await call(port, "/wechat/component/authorizers", method="POST", body=f'{{"authorization_code": "{code}"}}'.encode())
-        assert status == 200 and body["authorizer_appid"] == appid, body
-
-
-async def ready_platform(sandbox, port) -> None:
-    assert await push_event(sandbox, port, "component_verify_ticket") == (200, "success")
-    await wait_for(lambda: sandbox.calls[COMPONENT_TOKEN_PATH] >= 1, 5, "the component token")
 
 
 def fast(make_config, sandbox_url, **platform):
@@ -43,7 +40,7 @@ async def test_61023_blocks_one_authorizer_only(make_config, start_server, sandb
     port = running.port
     await ready_platform(sandbox, port)
     many = appids(20)
-    await authorise(sandbox, call, port, many)
+    await authorise(sandbox, call, port, *many)
     victim = many[7]
     sandbox.component.invalidate_refresh_token(DEFAULT_COMPONENT_APPID, victim)
     await wait_for(lambda: all(sandbox.component.token_calls[a] >= 3 for a in many if a != victim), 30, "two refreshes of the others")
@@ -59,7 +56,7 @@ async def test_61023_blocks_one_authorizer_only(make_config, start_server, sandb
             status, body = await call(port, "/wechat/token", type="access_token", appid=appid)
             assert status == 200 and sandbox.token_status(body["access_token"]) == 0
     # the merchant authorises again: back on the schedule
-    await authorise(sandbox, call, port, [victim])
+    await authorise(sandbox, call, port, victim)
     status, body = await call(port, "/wechat/token", type="access_token", appid=victim)
     assert status == 200
     status, page = await call(port, "/wechat/component/status")
@@ -75,7 +72,7 @@ async def test_two_instances_share_the_work(make_config, start_server, sandbox, 
     b = await start_server(cfg)
     await ready_platform(sandbox, a.port)
     many = appids(40)
-    await authorise(sandbox, call, a.port, many)
+    await authorise(sandbox, call, a.port, *many)
     sandbox.component.token_log.clear()
     started = sandbox.clock()
     await asyncio.sleep(14)
@@ -101,7 +98,7 @@ async def test_restart_with_valid_tokens_makes_no_call(make_config, start_server
     first = await start_server(cfg)
     await ready_platform(sandbox, first.port)
     many = appids(30)
-    await authorise(sandbox, call, first.port, many)
+    await authorise(sandbox, call, first.port, *many)
     await stop(first, 1.0)
     before = dict(sandbox.calls)
     second = await start_server(cfg)
@@ -126,7 +123,7 @@ async def test_lost_answer_cuts_the_stored_token_to_the_overlap(make_config, sta
     appid = appids(1)[0]
     # its first refresh is due in 11 to 15 s (30 s of life; ahead at most half of it, less jitter)
     sandbox.inject(AUTHORIZER_TOKEN_PATH, "hang", delay=1.5)  # answers after refresh.timeout: the answer is lost
-    await authorise(sandbox, call, running.port, [appid])
+    await authorise(sandbox, call, running.port, appid)
     key = f"myplatform.{appid}.access_token"
     await wait_for(lambda: sandbox.component.token_calls[appid] >= 2, 25, "the refresh whose answer is lost")
     # the client gave up after 1 s and cut the stored token; the retry comes 1 to 2 s after that
@@ -146,7 +143,7 @@ async def test_the_platform_refused_pauses_every_authorizer(make_config, start_s
     running = await start_server(cfg)
     await ready_platform(sandbox, running.port)
     many = appids(10)
-    await authorise(sandbox, call, running.port, many)
+    await authorise(sandbox, call, running.port, *many)
     sandbox.inject(AUTHORIZER_TOKEN_PATH, "errcode", errcode=61004, errmsg="access clientip is not registered", times=None)
     before = sandbox.calls[AUTHORIZER_TOKEN_PATH]
     await asyncio.sleep(5)  # every authorizer falls due meanwhile
@@ -156,3 +153,49 @@ async def test_the_platform_refused_pauses_every_authorizer(make_config, start_s
     assert 1 <= refused <= 10, f"{refused} calls while the platform was refused"
     sandbox.clear_faults()
     await wait_for(lambda: all(sandbox.component.token_calls[a] >= 2 for a in many), 20, "refreshes after the pause")
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=60)
+async def test_a_late_61023_for_a_replaced_refresh_token_keeps_the_authorizer_scheduled(make_config, start_server, sandbox, sandbox_url, call, redis_sync) -> None:
+    """A refresh with the old refresh token is in the air; the merchant authorises again (new
+    refresh token, new token, rescheduled); then the old call answers 61023.  Nothing is
+    blocked (the refresh token it judged is gone), and the authorizer stays on the schedule at
+    the due time the authorisation set (Schedule.finish keeps a reschedule made meanwhile)."""
+    authorizer = "wxauthorizer0late61023"
+    meta, due = f"{{myplatform.{authorizer}.access_token}}:meta", "{myplatform:authorizers}:due"
+    sandbox.expires_in = 8
+    cfg = make_config(refresh={"interval": 0.5, "ahead": 3, "max_ttl": 7000, "timeout": 4}, **platform_sections(sandbox_url))
+    running = await start_server(cfg)
+    port = running.port
+    await ready_platform(sandbox, port)
+    await authorise(sandbox, call, port, authorizer)
+    sandbox.inject(AUTHORIZER_TOKEN_PATH, "hang", delay=1.5)
+    before = sandbox.calls[AUTHORIZER_TOKEN_PATH]
+    await wait_for(lambda: sandbox.calls[AUTHORIZER_TOKEN_PATH] > before, 10, "the scheduled refresh's call")
+    sandbox.component.invalidate_refresh_token(DEFAULT_COMPONENT_APPID, authorizer)  # WeChat: a new authorisation
+    await authorise(sandbox, call, port, authorizer)
+    assert redis_sync.zscore(due, authorizer) is not None
+    await wait_for(lambda: any(r.errcode == 61023 for r in sandbox.requests_to(AUTHORIZER_TOKEN_PATH)), 5, "the late 61023")
+    await asyncio.sleep(0.5)
+    assert redis_sync.hget(meta, "state") == "ok"
+    assert redis_sync.zscore(due, authorizer) is not None, "a re-authorised authorizer (state ok) was taken off the schedule"
+    await asyncio.sleep(9)  # the re-authorisation's token lives 8 s
+    status, body = await call(port, "/wechat/token", type="access_token", appid=authorizer)
+    assert status == 200 and sandbox.token_status(body["access_token"]) == 0, body
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=60)
+async def test_a_lease_shorter_than_a_call_is_lengthened_and_refreshes(make_config, start_server, sandbox, sandbox_url, call) -> None:
+    """``platform.lease: 3`` with ``refresh.timeout: 2`` leaves no time for a call in a claim
+    (Worker._run skips a call that could outlive its claim): claims last refresh.timeout + 3 s
+    instead (a warning says so), and authorizers are refreshed."""
+    sandbox.expires_in = 8
+    running = await start_server(fast(make_config, sandbox_url, lease=3))
+    await ready_platform(sandbox, running.port)
+    await authorise(sandbox, call, running.port, "wxauthorizer0shortlease")
+    await asyncio.sleep(9)  # past the token's life
+    status, body = await call(running.port, "/wechat/token", type="access_token", appid="wxauthorizer0shortlease")
+    assert sandbox.component.token_calls["wxauthorizer0shortlease"] >= 2, f"never refreshed; the token endpoint says {status} {body}"
+    assert status == 200 and sandbox.token_status(body["access_token"]) == 0

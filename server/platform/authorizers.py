@@ -14,6 +14,7 @@ merchants must authorise again), which no instance can repair.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 
@@ -155,6 +156,33 @@ class AuthorizerStore:
     async def count_failure(self, appid: str) -> int:
         return int(await self.redis.hincrby(keys.authorizer_meta(self.prefix, self.platform, appid), "failures", 1))
 
+    async def ticket_failed(self, appid: str, errcode: int | None, why: str) -> int:
+        """Note a failed jsapi ticket fetch (``why``: for operators, no value); the failures in a row."""
+        meta = keys.authorizer_meta(self.prefix, self.platform, appid)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(meta, "ticket_failures", 1)
+            pipe.hset(meta, mapping={"ticket_errcode": str(errcode or 0), "ticket_errmsg": why[:300]})
+            failures, _ = await pipe.execute()
+        return int(failures)
+
+    async def ticket_error(self, appid: str) -> str | None:
+        """What a client may see of the last jsapi ticket failure (WeChat's errcode, never its
+        errmsg), or None when the last fetch worked."""
+        raw = await self.redis.hmget(keys.authorizer_meta(self.prefix, self.platform, appid), "ticket_failures", "ticket_errcode")
+        failures, errcode = (str(v) if v is not None else "" for v in raw)
+        if not failures:
+            return None
+        return f"getticket failed: errcode {errcode}" if errcode not in ("", "0") else "getticket failed: no answer"
+
+    async def mark_rejected(self, appid: str, token: str, seconds: float) -> None:
+        """Note for ``seconds`` that WeChat rejected ``token`` right after it was fetched in answer
+        to a rejected one (the SHA-256 only): rotating it again would not help."""
+        await self.redis.set(keys.authorizer_rejected(self.prefix, self.platform, appid), _fingerprint(token), px=max(1, int(seconds * 1000)))
+
+    async def was_rejected(self, appid: str, token: str) -> bool:
+        """Whether :meth:`mark_rejected` noted ``token`` (and the note has not expired)."""
+        return bool(await self.redis.get(keys.authorizer_rejected(self.prefix, self.platform, appid)) == _fingerprint(token))
+
     async def block(self, appid: str, refresh_token: str, errcode: int, errmsg: str) -> bool:
         return bool(await self._block(keys=self._keys(appid), args=[refresh_token, str(errcode), errmsg[:300], self.channel, self._head("blocked", appid)]))
 
@@ -175,6 +203,7 @@ class AuthorizerStore:
             pipe.set(keys.authorizer_ticket(self.prefix, self.platform, appid), ticket, px=max(1, int(life * 1000)))
             pipe.time()
             _, (seconds, micros) = await pipe.execute()
+        await self.redis.hdel(keys.authorizer_meta(self.prefix, self.platform, appid), "ticket_failures", "ticket_errcode", "ticket_errmsg")
         now = int(seconds) + int(micros) / 1e6
         head = self._head("rotated", appid, "ticket")
         await self.redis.publish(self.channel, head + f', "version": {int(now * 1e6)}, "expires_at": {now + life:.3f}}}')
@@ -199,3 +228,7 @@ class AuthorizerStore:
         """The authorizer ``token`` was issued to (current or recent), or None."""
         found = await self.redis.get(keys.issued(self.prefix, self.platform, token))
         return str(found) if found else None
+
+
+def _fingerprint(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()

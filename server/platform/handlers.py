@@ -10,6 +10,11 @@
 - ``/wechat/token?type=access_token&appid=<authorizer>`` (``type=ticket``: its jsapi ticket,
   fetched the first time it is asked for) for a client allowed the platform's source.
 - The API proxy accepts an authorizer's token and puts its current one in.
+- ``/status``: the core's, where a component token waiting for its first verify ticket says
+  ``"state": "waiting"`` (the refresher alone knows only that it has no value and no failure).
+
+:func:`platform_routes` takes a prefix: the standalone server mounts them at the root, an
+embedding (``server.embed``) under its own prefix.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 from typing import Any
 
 import tornado.web
+from redis.exceptions import RedisError
 
 from server.accounts import TOKEN, Account
 from server.auth import OPERATOR, Principal
@@ -131,7 +137,10 @@ class PlatformTokenHandler(TokenHandler):
         appid = self.argument("appid")
         if appid is None or self.argument("account") is not None or appid in self.accounts.by_appid:
             return await super().get()
-        p = await self.platforms.locate(appid)
+        try:
+            p = await self.platforms.locate(appid)
+        except RedisError as e:
+            raise tornado.web.HTTPError(503, "authorizer %s: redis unreachable: %s", appid, type(e).__name__, reason="redis unreachable") from None
         if p is None:
             return await super().get()  # its 404
         type_ = self.argument("type")
@@ -162,7 +171,10 @@ class AuthorizerProxyHandler(ProxyHandler):
             if e.errcode != INVALID_CREDENTIAL[0]:
                 raise
             token = self.query("access_token") or ""
-            found = await self.platforms.owner_of(token) if len(token) <= 512 else None
+            try:
+                found = await self.platforms.owner_of(token) if len(token) <= 512 else None
+            except RedisError as err:
+                raise WeChatError(SYSTEM_ERROR, "face: authorizer token lookup: redis %s", type(err).__name__) from None
             if found is None:
                 raise
         p, appid = found
@@ -191,17 +203,20 @@ class AuthorizerProxyHandler(ProxyHandler):
 
     async def note_rejected(self, source: str, fresh: str) -> None:
         if self.authorizer is None:
-            await super().note_rejected(source, fresh)
+            return await super().note_rejected(source, fresh)
+        p, appid = self.authorizer
+        await self.platforms.note_rejected(p, appid, fresh)
 
 
-def platform_routes(platforms: Platforms, deps: dict[str, Any]) -> list[Any]:
-    """Routes that go before the application's own (``/wechat/token`` is taken over)."""
+def platform_routes(platforms: Platforms, deps: dict[str, Any], prefix: str = "") -> list[Any]:
+    """Routes under ``prefix`` ("" or "/path") that go before the application's own
+    (``/wechat/token`` is taken over for authorizers' appids)."""
     args = {**deps, "platforms": platforms}
     return [
-        (r"/wechat/component/events", EventsHandler, args),
-        (r"/wechat/component/authorizers", AuthorizersHandler, args),
-        (r"/wechat/component/status", StatusHandler, args),
-        (r"/wechat/token", PlatformTokenHandler, args),
+        (prefix + r"/wechat/component/events", EventsHandler, args),
+        (prefix + r"/wechat/component/authorizers", AuthorizersHandler, args),
+        (prefix + r"/wechat/component/status", StatusHandler, args),
+        (prefix + r"/wechat/token", PlatformTokenHandler, args),
     ]
 
 

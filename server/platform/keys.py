@@ -12,7 +12,8 @@ configured ``prefix``:
     A hash without TTL: ``version`` (fencing, microseconds on Redis's clock), ``expires_at``,
     ``refresh_token`` (the only durable credential of the authorisation: never logged or
     served), ``state`` (``ok``, ``blocked`` after 61023 / 61003, ``unauthorized``),
-    ``errcode``/``errmsg``, ``failures``.  The braces put it in the plain key's Redis Cluster
+    ``errcode``/``errmsg``, ``failures``; for the jsapi ticket ``ticket_failures`` and
+    ``ticket_errcode``/``ticket_errmsg`` (its last failure, gone once a ticket is stored).  The braces put it in the plain key's Redis Cluster
     slot, so one script writes both.
 ``<prefix>P.component_verify_ticket``
     A hash ``{ticket, create_time}`` kept 12 hours after its CreateTime; the newest wins.
@@ -21,6 +22,10 @@ configured ``prefix``:
     by due time (milliseconds, Redis's clock), and the hash of members an instance claimed
     (member -> lease end); one slot, so claiming is one script.  ``:blocked`` is the set of
     authorizers blocked by 61023 / 61003 (off the schedule), for the operator's status.
+``{<prefix>P.A.access_token}:rejected``
+    The SHA-256 of an authorizer token WeChat rejected right after it was fetched in answer
+    to a rejected one, while that token lives: no instance rotates it again (the core's
+    ``NAME:rejected``, :meth:`server.store.Store.mark_rejected`).
 ``<prefix>P:issued:<sha256 of a token>``
     The authorizer a token was issued to (the API proxy's lookup), kept as long as the token.
 ``<prefix>wechat-token:events`` (a channel)
@@ -52,6 +57,10 @@ def authorizer_ticket(prefix: str, platform: str, appid: str) -> str:
 
 def authorizer_meta(prefix: str, platform: str, appid: str) -> str:
     return "{" + authorizer_token(prefix, platform, appid) + "}:meta"
+
+
+def authorizer_rejected(prefix: str, platform: str, appid: str) -> str:
+    return "{" + authorizer_token(prefix, platform, appid) + "}:rejected"
 
 
 def verify_ticket(prefix: str, platform: str) -> str:

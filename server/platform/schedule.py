@@ -10,7 +10,8 @@ every instance in bounded batches.
   with that lease end.  An instance that dies leaves its claims to expire: the member is due
   again when the lease ends, and any instance takes it.
 - :meth:`Schedule.finish` reschedules a member only if the claim is still ours (the lease did
-  not run out and someone else take it), and never re-adds a member removed meanwhile.
+  not run out and someone else take it), never re-adds a member removed meanwhile, and keeps
+  a due time set meanwhile (a re-authorisation scheduled its new token).
 - Per tick, an instance reads at most ``n`` members: the work never grows with the number of
   authorizers that are not due.
 
@@ -43,12 +44,17 @@ return out
 """
 
 # KEYS[1] due zset, KEYS[2] claims hash; ARGV[1] member, ARGV[2] lease in ms, ARGV[3] "1" = add the
-# member if the schedule lacks it (a ticket asked for the first time).  Claims one member now,
-# due or not, unless another claim on it is running.  Returns {now in µs, lease end in ms} or false.
+# member if the schedule lacks it (a ticket asked for the first time), ARGV[4] "1" = only if it is
+# due (a member rescheduled after a failure keeps its backoff).  Claims one member now, due or
+# not (ARGV[4] "0"), unless another claim on it is running.  Returns {now in µs, lease end in ms} or false.
 _CLAIM_ONE_LUA = """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and ARGV[3] ~= '1' then
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score and ARGV[3] ~= '1' then
+  return false
+end
+if score and ARGV[4] == '1' and tonumber(score) > now_ms then
   return false
 end
 local held = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') or 0
@@ -62,13 +68,19 @@ return {string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2])), string
 """
 
 # KEYS[1] due zset, KEYS[2] claims hash; ARGV[1] member, ARGV[2] our lease end (ms), ARGV[3] next
-# due in ms from now, or "-1" to take the member off the schedule.  Only while the claim is ours.
-# Returns 1, or 0 when the claim was no longer ours.
+# due in ms from now, or "-1" to take the member off the schedule.  Only while the claim is ours,
+# and only if nobody rescheduled the member meanwhile (its score is still our lease end): an
+# authorisation during the refresh scheduled the new token, which our outcome knows nothing of.
+# Returns 1, or 0 when the claim was no longer ours (or the member was rescheduled meanwhile).
 _FINISH_LUA = """
 if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then
   return 0
 end
 redis.call('HDEL', KEYS[2], ARGV[1])
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) ~= tonumber(ARGV[2]) then
+  return 0
+end
 if ARGV[3] == '-1' then
   redis.call('ZREM', KEYS[1], ARGV[1])
   return 1
@@ -115,8 +127,12 @@ class Schedule:
         version, until = int(raw[0]), str(raw[1])
         return [Claim(str(m), version, until) for m in raw[2:]]
 
-    async def claim_one(self, member: str, lease: float, create: bool = False) -> Claim | None:
-        raw = await self._claim_one(keys=[self.due_key, self.claims_key], args=[member, int(lease * 1000), "1" if create else "0"])
+    async def claim_one(self, member: str, lease: float, create: bool = False, due_only: bool = False) -> Claim | None:
+        """``member``, ours for ``lease`` seconds, due or not (``due_only``: only if due, so a
+        backoff holds); ``create`` adds it when the schedule lacks it.  None when another
+        claim runs, or it is not scheduled (not due)."""
+        raw = await self._claim_one(keys=[self.due_key, self.claims_key],
+                                    args=[member, int(lease * 1000), "1" if create else "0", "1" if due_only else "0"])
         return Claim(member, int(raw[0]), str(raw[1])) if raw else None
 
     async def finish(self, claim: Claim, due_in: float | None) -> bool:

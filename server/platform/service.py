@@ -39,6 +39,35 @@ logger = logging.getLogger(__name__)
 FIRST_TICKET_WAIT = 5.0
 #: How long an authorisation code stays claimed (WeChat's codes live an hour).
 CODE_CLAIM_SECONDS = 3600
+#: Authorizer tokens and tickets remembered per process, to serve while Redis is unreachable.
+MEMORY_MAX = 100_000
+
+
+class Remembered:
+    """The last value read from Redis per key, served only while Redis cannot be read (as the
+    core serves from memory): with its life counted down on this host's monotonic clock.
+    Bounded: past ``MEMORY_MAX`` keys, the oldest is forgotten."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[str, str], tuple[Value, float]] = {}
+
+    def keep(self, key: tuple[str, str], value: Value) -> Value:
+        self._values.pop(key, None)
+        if len(self._values) >= MEMORY_MAX:
+            del self._values[next(iter(self._values))]
+        self._values[key] = (value, time.monotonic())
+        return value
+
+    def get(self, key: tuple[str, str]) -> Value | None:
+        found = self._values.get(key)
+        if found is None:
+            return None
+        value, at = found
+        left = value.expires_in - (time.monotonic() - at)
+        return Value(value.value, left) if left > 0 else None
+
+    def forget(self, key: tuple[str, str]) -> None:
+        self._values.pop(key, None)
 
 
 class NotFound(Exception):
@@ -63,6 +92,7 @@ class Platforms:
         self.refresh = refresh
         self.refresher: Refresher | None = None
         self._located: dict[str, Platform] = {}  # authorizer appid -> its platform (found once)
+        self.memory = Remembered()  # what Redis last said, served while it cannot be read
         self.events = Events(
             store.redis, store.prefix,
             {p.parts.appid: Receiver(p.parts.name, p.parts.appid, p.crypto, p.parts.tickets.store,
@@ -180,6 +210,8 @@ class Platforms:
         return appid
 
     async def unauthorize(self, p: Platform, appid: str) -> None:
+        self.memory.forget((p.parts.name + ".token", appid))
+        self.memory.forget((p.parts.name + ".ticket", appid))
         await p.parts.schedule.remove(appid, keys.ticket_member(appid))
         await p.parts.schedule.note_blocked(appid, False)
         await p.parts.store.remove(appid)
@@ -200,32 +232,57 @@ class Platforms:
         return None
 
     async def token(self, p: Platform, appid: str) -> Value:
-        """The authorizer's current token; Unavailable (with why) when there is none."""
-        value = await p.parts.store.token(appid)
+        """The authorizer's current token; Unavailable (with why) when there is none, also
+        when Redis cannot be read and this process holds no valid copy."""
+        key = (p.parts.name + ".token", appid)
+        try:
+            value = await p.parts.store.token(appid)
+        except RedisError as e:
+            return self._remembered(key, appid, e)
         if value is not None:
-            return value
+            return self.memory.keep(key, value)
         raise Unavailable(await self._why(p, appid))
 
     async def ticket(self, p: Platform, appid: str) -> Value:
-        """The authorizer's jsapi ticket, fetched the first time someone asks (then kept fresh)."""
-        value = await p.parts.store.ticket(appid)
-        if value is not None:
-            return value
-        await self._worker(p).fetch_now(keys.ticket_member(appid), create=True, wait=FIRST_TICKET_WAIT)
-        value = await p.parts.store.ticket(appid)
+        """The authorizer's jsapi ticket, fetched the first time someone asks (then kept fresh);
+        while its fetches fail (a backoff), Unavailable with the last failure, no new call."""
+        key = (p.parts.name + ".ticket", appid)
+        try:
+            value = await p.parts.store.ticket(appid)
+            if value is None:
+                await self._worker(p).fetch_now(keys.ticket_member(appid), create=True, wait=FIRST_TICKET_WAIT, due_only=True)
+                value = await p.parts.store.ticket(appid)
+            if value is None:
+                error = await p.parts.store.ticket_error(appid)
+                raise Unavailable(await self._why(p, appid, f"no jsapi ticket; {error or 'it could not be fetched yet'}"))
+        except RedisError as e:
+            return self._remembered(key, appid, e)
+        return self.memory.keep(key, value)
+
+    def _remembered(self, key: tuple[str, str], appid: str, e: RedisError) -> Value:
+        value = self.memory.get(key)
         if value is None:
-            raise Unavailable(f"authorizer {appid}: no jsapi ticket yet ({await self._why(p, appid, 'its ticket could not be fetched')})")
+            logger.warning("platform: authorizer %s: redis unreachable (%s) and no valid copy in memory", appid, type(e).__name__)
+            raise Unavailable(f"authorizer {appid}: redis unreachable") from None
         return value
 
     async def refresh_if_current(self, p: Platform, appid: str, old: str) -> str | None:
         """WeChat rejected ``old``: refresh the authorizer's token if ``old`` is still the
-        current one (once, across instances); the token to retry with, or None."""
-        current = await p.parts.store.token(appid)
-        if current is not None and current.value != old:
-            return current.value
-        await self._worker(p).fetch_now(appid, create=False, wait=self.refresh.timeout + 1)
-        current = await p.parts.store.token(appid)
-        return current.value if current is not None and current.value != old else None
+        current one (once, across instances); the token to retry with, or None (also when
+        ``old`` was already judged: :meth:`note_rejected`, or Redis cannot be reached)."""
+        try:
+            return await self._worker(p).replace_token(appid, old)
+        except RedisError as e:
+            logger.warning("platform %s: authorizer %s: cannot replace a rejected token: redis %s", p.parts.name, appid, type(e).__name__)
+            return None
+
+    async def note_rejected(self, p: Platform, appid: str, token: str) -> None:
+        """WeChat rejected ``token`` right after :meth:`refresh_if_current` brought it: no
+        instance rotates it again while it lives."""
+        try:
+            await self._worker(p).note_rejected(appid, token)
+        except RedisError:
+            pass
 
     async def owner_of(self, token: str) -> tuple[Platform, str] | None:
         for p in self.by_name.values():

@@ -11,14 +11,28 @@ What each answer does to an authorizer:
 - success: token (and a new refresh token, if WeChat returned one) stored, fenced; next due at
   its expiry minus ``refresh.ahead`` minus jitter;
 - 61023 (refresh token invalid) or 61003 (authorisation withdrawn): that authorizer is blocked
-  (``state: blocked``) and taken off the schedule; the others go on;
+  (``state: blocked``) and taken off the schedule; the others go on.  An answer to a refresh
+  token replaced meanwhile (a re-authorisation) blocks nothing and keeps it scheduled;
 - 40001 / 40014 / 42001: the component token was rejected: it is refreshed once, compare-and-
-  refresh (``old=``), and the authorizer retried in a second or two;
+  refresh (``old=``), and the authorizer retried in a second or two; a component token
+  rejected right after it was rotated in for a rejection is noted
+  (``Refresher.note_rejected_after_rotation``, like the API proxy's) and never rotated again:
+  the authorizers back off instead;
 - a fatal errcode (61004: this server's IP is not on the platform's whitelist, ...): the
   platform itself is refused, so this instance claims nothing for ``refresh.backoff_max``;
 - anything else: retried after an exponential backoff with jitter, counted per authorizer; a
   call whose answer was lost (timeout, HTTP error) cuts the stored token's life to
   ``refresh.overlap`` (WeChat may have issued its successor) and retries before that.
+
+A jsapi ticket's failures back off by kind, counted per authorizer in Redis
+(``ticket_failures``): exponentially for a transient one, ``refresh.backoff_max`` for a fatal
+errcode (48001: the account has no JS-SDK), until China's midnight for 45009.  A request for the
+ticket claims it only when due (:meth:`Schedule.claim_one` ``due_only``), so nobody who polls
+bypasses the backoff.  40001 / 42001 from getticket replaces the authorizer's token once (if
+the one used is still current, :meth:`Worker.replace_token`) and retries once.
+
+Claims last ``platform.lease`` seconds, and at least ``refresh.timeout`` + ``LEASE_MARGIN``: a
+shorter claim would run out during every call, and nothing would ever be refreshed.
 
 The component token comes from the refresher (``refresher.current``): while it has none (no
 verify ticket yet), nothing is claimed.
@@ -43,7 +57,7 @@ from server.platform.authorizers import AuthorizerStore
 from server.platform.schedule import Claim, Schedule
 from server.platform.tickets import VerifyTickets
 from server.refresher import Refresher
-from server.state import Unavailable, backoff_floor
+from server.state import Unavailable, backoff_floor, until_quota_reset
 from server.store import Entry
 from server.upstream import ErrorKind, UpstreamError
 
@@ -52,6 +66,9 @@ logger = logging.getLogger(__name__)
 BLOCKING_CODES = frozenset({61023, 61003})
 RETRY_SOON = 2.0  # seconds: after the component token was refreshed, or the authorizer's token is being
 POLL = 0.05  # seconds between looks at Redis while another instance fetches a value asked for
+#: seconds a claim lasts beyond one call at least: the reads before the call, and the second of
+#: slack Worker._run keeps before the lease ends
+LEASE_MARGIN = 3.0
 
 
 @dataclass
@@ -86,6 +103,14 @@ class Worker:
         #: monotonic time before which nothing is claimed: WeChat refused the platform itself
         #: (61004: IP not whitelisted, a wrong component appid...), which no authorizer can fix
         self.paused_until = 0.0
+        #: the component token this process got by rotating a rejected one: rejected too, it is
+        #: not what is wrong (see _component_rejected)
+        self._rotated_on_rejection: str | None = None
+        #: seconds a claim lasts (see the module docstring)
+        self.lease = max(cfg.lease, refresh.timeout + LEASE_MARGIN)
+        if self.lease > cfg.lease:
+            logger.warning("platform %s: platform.lease %gs leaves no time for a call of refresh.timeout %gs; claims last %gs",
+                           parts.name, cfg.lease, refresh.timeout, self.lease)
 
     def __repr__(self) -> str:
         return f"Worker({self.p.name!r}, {len(self._running)} running)"
@@ -132,7 +157,7 @@ class Worker:
             if want <= 0:
                 self._backlog = True
                 return
-            claims = await self.p.schedule.claim(want, self.cfg.lease)
+            claims = await self.p.schedule.claim(want, self.lease)
             self._backlog = len(claims) == want
             for claim in claims:
                 task = asyncio.ensure_future(self._run(claim))
@@ -173,7 +198,7 @@ class Worker:
 
     async def _run(self, claim: Claim) -> None:
         appid, is_ticket = keys.split_member(claim.member)
-        deadline = time.monotonic() + self.cfg.lease - 1.0
+        deadline = time.monotonic() + self.lease - 1.0
         try:
             due_in = await (self._ticket(appid) if is_ticket else self._token(appid, claim, deadline))
         except RedisError as e:
@@ -198,6 +223,18 @@ class Worker:
     def _backoff(self, failures: int, err: UpstreamError) -> float:
         floor = backoff_floor(self.refresh.backoff_max, failures, err.retry_after)
         return random.uniform(floor, 2 * floor)
+
+    async def _delay(self, failures: int, err: UpstreamError) -> float:
+        """Seconds before the next try after ``failures`` failures in a row, by the last one's
+        kind (server.upstream): until China's midnight for 45009, ``refresh.backoff_max`` for a
+        fatal errcode (no operator unblocks an authorizer's ticket: try again, rarely),
+        exponential with jitter for anything else."""
+        if err.kind is ErrorKind.QUOTA:
+            seconds, micros = await self.p.store.redis.time()
+            return until_quota_reset(int(seconds) + int(micros) / 1e6) + random.uniform(0, 60)
+        if err.kind is ErrorKind.FATAL:
+            return self.refresh.backoff_max + random.uniform(0, self.refresh.backoff_max / 4)
+        return self._backoff(failures, err)
 
     async def _component(self) -> Entry:
         return await self.refresher.current(self.p.source)
@@ -237,11 +274,13 @@ class Worker:
                 await self.p.schedule.note_blocked(appid, True)
                 why = "the refresh token is invalid" if e.errcode == 61023 else "the account withdrew the authorisation"
                 logger.error("platform %s: authorizer %s BLOCKED: errcode %s (%s); the merchant must authorise again", self.p.name, appid, e.errcode, why)
-            return None
-        if e.kind is ErrorKind.STALE_TOKEN:
-            logger.warning("platform %s: errcode %s with the component token; refreshing it (if still current)", self.p.name, e.errcode)
-            await self._quiet(self.refresher.refresh(self.p.source, force=True, old=component.value, min_interval=False))
+                return None
+            # The refresh token was replaced meanwhile (a re-authorisation): the answer is about
+            # the old one.  Stay scheduled (a due time the authorisation set is kept by finish).
+            logger.info("platform %s: authorizer %s: errcode %s for a refresh token replaced meanwhile; nothing blocked", self.p.name, appid, e.errcode)
             return RETRY_SOON + random.uniform(0, RETRY_SOON)
+        if e.kind is ErrorKind.STALE_TOKEN:
+            return await self._component_rejected(appid, component, e)
         if e.kind is ErrorKind.FATAL:
             # The platform's fault, not this authorizer's: pause every claim here, not 10,000 backoffs.
             pause = self.refresh.backoff_max
@@ -260,6 +299,32 @@ class Worker:
         logger.warning("platform %s: authorizer %s: refresh failed (attempt %d): %s; retry in %.1fs", self.p.name, appid, failures, e, delay)
         return delay
 
+    async def _component_rejected(self, appid: str, component: Entry, e: UpstreamError) -> float:
+        """api_authorizer_token said the component token is invalid: rotate it once (compare-and-
+        refresh), unless it is the value a rotation for a rejection just brought, or one any
+        instance noted as such: then the token is not what is wrong, and the authorizer backs off."""
+        source = self.p.source
+        just_rotated = component.value == self._rotated_on_rejection
+        if just_rotated or await self.refresher.rejected_after_rotation(source, component.value):
+            if just_rotated:
+                await self.refresher.note_rejected_after_rotation(source, component.value)
+                self._rotated_on_rejection = None
+                logger.error("platform %s: errcode %s with the component token just rotated in for a rejection too; not rotating it again",
+                             self.p.name, e.errcode)
+            failures = await self.p.store.count_failure(appid)
+            delay = self._backoff(failures, e)
+            logger.warning("platform %s: authorizer %s: refresh failed (attempt %d): %s; retry in %.1fs", self.p.name, appid, failures, e, delay)
+            return delay
+        logger.warning("platform %s: errcode %s with the component token; refreshing it (if still current)", self.p.name, e.errcode)
+        try:
+            entry = await self.refresher.refresh(source, force=True, old=component.value, min_interval=False)
+        except (Unavailable, UpstreamError, RedisError):
+            pass  # the refresher logged it and schedules its retry
+        else:
+            if entry.value != component.value:
+                self._rotated_on_rejection = entry.value
+        return RETRY_SOON + random.uniform(0, RETRY_SOON)
+
     async def _ticket(self, appid: str) -> float | None:
         """Fetch one authorizer's jsapi ticket with its current token."""
         token = await self.p.store.token(appid)
@@ -267,29 +332,74 @@ class Worker:
             state = await self.p.store.state(appid)
             return None if state.get("state") != "ok" else RETRY_SOON
         try:
-            answer = await self.p.api.jsapi_ticket(token.value)
+            answer = await self._getticket(appid, token.value)
         except UpstreamError as e:
-            if e.kind is ErrorKind.STALE_TOKEN:
-                return RETRY_SOON  # its token is being rotated: the next one will do
-            delay = self._backoff(1, e)
-            logger.warning("platform %s: authorizer %s: jsapi ticket failed: %s; retry in %.1fs", self.p.name, appid, e, delay)
-            return delay
+            return await self._ticket_failed(appid, e)
         ticket, expires_in = answer.get("ticket"), answer.get("expires_in")
         if not isinstance(ticket, str) or not ticket or not isinstance(expires_in, (int, float)) or expires_in <= 0:
-            return self._backoff(1, UpstreamError(ErrorKind.TRANSIENT, "no ticket"))
+            return await self._ticket_failed(appid, UpstreamError(ErrorKind.TRANSIENT, "getticket answer has no ticket"))
         life = min(float(expires_in), self.refresh.max_ttl)
         await self.p.store.save_ticket(appid, ticket, life)
         return self.due_in(life)
 
+    async def _getticket(self, appid: str, token: str) -> dict[str, Any]:
+        """getticket with ``token``; after 40001 / 42001 the token is replaced once (if it is still
+        the current one) and the call retried once; raises UpstreamError."""
+        try:
+            return await self.p.api.jsapi_ticket(token)
+        except UpstreamError as e:
+            if e.kind is not ErrorKind.STALE_TOKEN:
+                raise
+            logger.warning("platform %s: authorizer %s: getticket answered %s; replacing its token (if still current)", self.p.name, appid, e.errcode)
+            fresh = await self.replace_token(appid, token)
+            if fresh is None:
+                raise
+        try:
+            return await self.p.api.jsapi_ticket(fresh)
+        except UpstreamError as e:
+            if e.kind is ErrorKind.STALE_TOKEN:
+                await self.note_rejected(appid, fresh)
+            raise
+
+    async def _ticket_failed(self, appid: str, e: UpstreamError) -> float:
+        failures = await self.p.store.ticket_failed(appid, e.errcode, str(e))
+        delay = await self._delay(failures, e)
+        logger.warning("platform %s: authorizer %s: jsapi ticket failed (attempt %d): %s; retry in %.1fs", self.p.name, appid, failures, e, delay)
+        return delay
+
+    # --- a rejected authorizer token ------------------------------------------------------------
+
+    async def replace_token(self, appid: str, old: str) -> str | None:
+        """WeChat rejected the authorizer's token ``old``: refresh it if ``old`` is still the
+        current one (once, across instances).  The token to retry with, or None: none newer, or
+        ``old`` was noted by :meth:`note_rejected` (rotating it again would not help)."""
+        if await self.p.store.was_rejected(appid, old):
+            return None
+        current = await self.p.store.token(appid)
+        if current is not None and current.value != old:
+            return current.value
+        await self.fetch_now(appid, create=False, wait=self.refresh.timeout + 1)
+        current = await self.p.store.token(appid)
+        return current.value if current is not None and current.value != old else None
+
+    async def note_rejected(self, appid: str, token: str) -> None:
+        """WeChat rejected ``token`` although :meth:`replace_token` just brought it: noted for its
+        remaining life, for every instance, so no caller that retries rotates it again."""
+        current = await self.p.store.token(appid)
+        life = current.expires_in if current is not None and current.value == token else self.refresh.overlap
+        await self.p.store.mark_rejected(appid, token, max(1.0, life))
+        logger.warning("platform %s: authorizer %s: WeChat rejects the token just rotated in too; not rotating it again", self.p.name, appid)
+
     # --- on request ------------------------------------------------------------------------
 
-    async def fetch_now(self, member: str, create: bool, wait: float) -> None:
+    async def fetch_now(self, member: str, create: bool, wait: float, due_only: bool = False) -> None:
         """Refresh ``member`` now (a ticket asked for the first time, a token WeChat rejected),
         once per process; if another instance holds its claim, wait up to ``wait`` seconds for
-        it to finish.  Never raises for an upstream failure (the caller reads what is stored)."""
+        it to finish.  ``due_only``: not while it is scheduled later (a backoff after a
+        failure).  Never raises for an upstream failure (the caller reads what is stored)."""
         flight = self._now.get(member)
         if flight is None or flight.done():
-            flight = asyncio.ensure_future(self._fetch_now(member, create, wait))
+            flight = asyncio.ensure_future(self._fetch_now(member, create, wait, due_only))
             self._now[member] = flight
             flight.add_done_callback(self._forget_flight)
         await asyncio.shield(flight)
@@ -299,8 +409,8 @@ class Worker:
             if f is flight:
                 del self._now[member]
 
-    async def _fetch_now(self, member: str, create: bool, wait: float) -> None:
-        claim = await self.p.schedule.claim_one(member, self.cfg.lease, create=create)
+    async def _fetch_now(self, member: str, create: bool, wait: float, due_only: bool) -> None:
+        claim = await self.p.schedule.claim_one(member, self.lease, create=create, due_only=due_only)
         if claim is not None:
             await self._run(claim)
             return

@@ -32,6 +32,7 @@
     if (src.state === "blocked") return ["blocked", "blocked"];
     if (src.state === "quota") return ["quota", "quota reached"];
     if (src.state === "backoff") return ["backoff", "backing off"];
+    if (src.state === "waiting") return ["novalue", "waiting"];
     if (src.fetched_at === null) return ["novalue", "no value"];
     if (src.expires_in <= 0) return ["expired", "expired"];
     return [src.state || "ok", src.state || "ok"];
