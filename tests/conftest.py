@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -403,3 +404,16 @@ def call(io_loop: Any) -> Any:
 
     yield _call
     client.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Any) -> Any:
+    """A redis-server of this test's own, to kill or pause without touching the session's."""
+    from server.embedded_redis import free_port
+
+    server = EmbeddedRedis(str(tmp_path / "redis"), port=free_port(), persistent=False)
+    server.start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        server.process.send_signal(signal.SIGCONT)  # in case the test paused it
+    server.stop()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
+
+from helpers_procs import wait_until as wait_for  # one poll-until for every test
 
 from server.sandbox import Sandbox
 from server.sandbox.common import AUTHORIZER_TOKEN_PATH, COMPONENT_TOKEN_PATH, QUERY_AUTH_PATH
@@ -37,17 +37,6 @@ async def push_event(sandbox: Sandbox, port: int, info_type: str, **fields: Any)
     return await push(sandbox.component, f"http://127.0.0.1:{port}/wechat/component/events", DEFAULT_COMPONENT_APPID, info_type, **fields)
 
 
-async def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 async def ready_platform(sandbox: Sandbox, port: int) -> None:

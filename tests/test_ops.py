@@ -25,7 +25,6 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from server import __version__
 from server.config import ConfigError
 from server.config_file import parse_config
-from server.embedded_redis import EmbeddedRedis, free_port
 from server.ops.quota import _CALLS_LUA, CHINA_OFFSET, KEEP_SECONDS
 from server.sandbox import TICKET_PATH, TOKEN_PATH
 from tests.conftest import AUTH
@@ -34,15 +33,6 @@ CHINA = datetime.timezone(datetime.timedelta(hours=8))
 NO_SECRET: dict[str, str] = {}
 
 
-@pytest.fixture
-def own_redis(tmp_path):
-    """A redis-server of this test's own, to kill or pause without touching the session's."""
-    server = EmbeddedRedis(str(tmp_path / "redis"), port=free_port(), persistent=False)
-    server.start()
-    yield server
-    if server.process is not None and server.process.poll() is None:
-        server.process.send_signal(signal.SIGCONT)  # in case the test paused it
-    server.stop()
 
 
 def china_day(r: redis.Redis) -> str:

@@ -13,15 +13,6 @@ pytestmark = pytest.mark.timeout(120)
 AUTHORIZER = "wxauthorizer0outage"
 
 
-@pytest.fixture
-def own_redis(tmp_path):
-    from server.embedded_redis import EmbeddedRedis, free_port
-
-    server = EmbeddedRedis(str(tmp_path / "redis"), port=free_port(), persistent=False)
-    server.start()
-    yield server
-    if server.process is not None and server.process.poll() is None:
-        server.stop()
 
 
 @pytest.mark.gen_test(timeout=60)
