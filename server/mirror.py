@@ -186,6 +186,18 @@ class Mirror:
             state.confirmed_at = -math.inf
         self.check_soon()
 
+    async def drain(self, timeout: float = 1.0) -> None:
+        """Let the Redis reads and the check under way finish (``timeout`` seconds), then
+        cancel them: at shutdown, before Redis is closed under them."""
+        pending = [f for f in (*self._reads.values(), self._checking) if f is not None and not f.done()]
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=timeout)
+        for f in late:
+            f.cancel()
+        if late:
+            await asyncio.wait(late, timeout=1.0)
+
     def check_soon(self) -> None:
         """Run :meth:`check_all` in the background (once at a time)."""
         if self._checking is None or self._checking.done():

@@ -131,13 +131,13 @@ class Refresher:
         """
         flights = [s.flight for s in self.states.values() if s.flight is not None and not s.flight.done()]
         flights += [t for t in self._tasks if not t.done()]
-        if not flights:
-            return
-        done, pending = await asyncio.wait(flights, timeout=timeout)
-        for f in pending:
-            f.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=2)
+        if flights:
+            done, pending = await asyncio.wait(flights, timeout=timeout)
+            for f in pending:
+                f.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+        await self.mirror.drain()  # reads still under way (an event's, a request's), before Redis closes
 
     async def reconfigure(self, sources: Mapping[str, Source]) -> tuple[list[str], list[str]]:
         """Take a reloaded set of sources (in dependency order); returns (added, removed).
