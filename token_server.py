@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -20,11 +21,14 @@ import signal
 import sys
 import tempfile
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server import __version__
 from server.config import LOG_LEVELS, Config, ConfigError, check_log_level, check_port
 from server.config_file import load_config, parse_config
+
+if TYPE_CHECKING:
+    from server.ops.reload import ConfigFile
 
 logger = logging.getLogger("token_server")
 
@@ -162,16 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     if args.demo:
         return run(run_demo(args.port or 12123), args.loop)
-    overrides: dict[str, Any] = {}  # redis.url of the embedded Redis the supervisor started
 
     def read(path: str) -> Config:
-        import dataclasses
-
         cfg = load_config(path)
         if args.port is not None:
             cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=args.port))
-        if overrides:
-            cfg = dataclasses.replace(cfg, redis=dataclasses.replace(cfg.redis, **overrides))
         return cfg
 
     try:
@@ -190,10 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     config_file = ConfigFile(os.path.abspath(args.config), read)
     if args.workers == 1:
         return run(serve(cfg, config_file=config_file), args.loop)
-    return run_workers(args.workers, cfg, config_file, read, overrides, args.loop)
+    return run_workers(args.workers, cfg, config_file, args.loop)
 
 
-def run_workers(n: int, cfg: Config, config_file: Any, read: Any, overrides: dict[str, Any], loop: str) -> int:
+def run_workers(n: int, cfg: Config, config_file: ConfigFile, loop: str) -> int:
     """``--workers N``: bind the port and start the embedded Redis here, once; fork N
     servers on them (server.workers)."""
     from server.app import StartupError, bind, serve
@@ -210,7 +209,9 @@ def run_workers(n: int, cfg: Config, config_file: Any, read: Any, overrides: dic
         logger.error("cannot start: %s", e)
         return 1
     if embedded is not None:
-        overrides["url"] = url  # a reload reads the file with it too
+        # The workers use the Redis started here, also when a reload reads the file again.
+        read = config_file.read
+        config_file = dataclasses.replace(config_file, read=lambda path: _with_url(read(path), url))
         cfg = _with_url(cfg, url)
     try:
         return Supervisor(n, lambda index: run(serve(cfg, config_file=config_file, sockets=sockets), loop)).run()
@@ -222,8 +223,6 @@ def run_workers(n: int, cfg: Config, config_file: Any, read: Any, overrides: dic
 
 
 def _with_url(cfg: Config, url: str | None) -> Config:
-    import dataclasses
-
     return dataclasses.replace(cfg, redis=dataclasses.replace(cfg.redis, url=url))
 
 

@@ -125,9 +125,9 @@ async def start(cfg: Config, config_file: ConfigFile | None = None, sockets: lis
             sock.close()
         raise
     sessions = Sessions(cfg.server.secret, service.auth)
-    service.extra["sessions"] = sessions  # a reload gives the page the new server.secret
+    service.sessions = sessions  # a reload gives the page the new server.secret
     if config_file is not None:
-        service.extra["reloader"] = Reloader(service, config_file.path, config_file.read)
+        service.reloader = Reloader(service, config_file.path, config_file.read)
     # The API takes no body (the status page's login and refresh: a few bytes): refuse big
     # ones early, and do not wait long for slow ones.
     # Refused peers are closed at accept, heads get server.header_timeout (server.listener).
@@ -190,7 +190,7 @@ async def serve(cfg: Config, on_ready: Callable[[Running], Awaitable[None] | Non
             logger.info("SIGHUP while starting: the config is reloaded once the server is up")
             pending.set()
             return
-        reloader: Reloader | None = running.service.extra.get("reloader")
+        reloader = running.service.reloader
         if reloader is None:
             logger.warning("SIGHUP: this server was started without a config file (--demo): nothing to reload")
             return

@@ -73,7 +73,7 @@ class TokenService:
             cfg = config_from_dict(config, "embedded config")
         service = await Service.open(cfg)
         if isinstance(config, str):  # POST <prefix>/admin/reload reads the file again
-            service.extra["reloader"] = Reloader(service, os.path.abspath(config))
+            service.reloader = Reloader(service, os.path.abspath(config))
         return cls(service)
 
     def handlers(self, prefix: str = "") -> list[Any]:

@@ -17,8 +17,8 @@ import os
 import socket
 import time
 import urllib.parse
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -41,6 +41,10 @@ from server.refresher import Refresher
 from server.sources import Source
 from server.store import Store
 from server.upstream import Upstream
+
+if TYPE_CHECKING:
+    from server.ops.reload import Reloader
+    from server.web.session import Sessions
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +80,10 @@ class Service:
     url: str | None
     #: third-party platforms (server.platform; None: no kind: component account)
     platforms: Platforms | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: the status page's sessions, rekeyed by a reload (None: no page, e.g. an embedding)
+    sessions: Sessions | None = None
+    #: reads the config file again (None: started without a file, e.g. --demo)
+    reloader: Reloader | None = None
     webhooks: Webhooks | None = None  # server.ops.webhooks; None only for a Service built by hand
 
     @property

@@ -35,7 +35,7 @@ async def test_two_workers_make_one_upstream_call_per_rotation(token_servers, sa
     await proc.wait_ready()
     await wait_until(lambda: len(workers_of(proc)) == 2 and proc.log().count("listening on") == 2, 10, "two workers listening")
     assert (sandbox.calls[TOKEN_PATH], sandbox.calls[TICKET_PATH]) == (1, 1)
-    # both serve (the kernel spreads connections): every answer is the one value in Redis
+    # a storm on the shared port (the kernel spreads connections): one value, one call per rotation
     client = AsyncHTTPClient(force_instance=True, max_clients=50)
     try:
         for rotation in range(3):
@@ -54,7 +54,8 @@ async def test_two_workers_make_one_upstream_call_per_rotation(token_servers, sa
 async def test_a_crashed_worker_is_replaced_and_sigterm_stops_them_all(token_servers, sandbox, sandbox_url, redis_url):
     proc = started(token_servers, proc_config(redis_url, sandbox_url))
     await proc.wait_ready()
-    await wait_until(lambda: len(workers_of(proc)) == 2, 10, "two workers")
+    # both listening before one is killed (else the count of "listening on" below means nothing)
+    await wait_until(lambda: len(workers_of(proc)) == 2 and proc.log().count("listening on") == 2, 10, "two workers listening")
     first, second = workers_of(proc)
     os.kill(first, signal.SIGKILL)  # the OOM killer, a segfault
     await wait_until(lambda: len(workers_of(proc)) == 2 and first not in workers_of(proc), 10, "a replacement worker")

@@ -143,7 +143,7 @@ async def apply(service: Service, new: Config) -> dict[str, Any]:
     service.store.owners = owners(service.accounts)
     service.auth.reconfigure(new)
     _replace_public_limits(service, new)
-    sessions = service.extra.get("sessions")
+    sessions = service.sessions
     if sessions is not None and old.server.secret != new.server.secret:
         sessions.rekey(new.server.secret)
     service.calls.quotas = {name: src.daily_quota for name, src in new.sources.items()}
@@ -204,7 +204,7 @@ class ReloadHandler(BaseHandler):
         if self.principal is None or not self.principal.is_operator:
             who = self.principal.name if self.principal else "-"
             raise tornado.web.HTTPError(403, "client %s may not reload", who, reason="only the operator's secret (server.secret) may reload the config")
-        reloader: Reloader | None = self.service.extra.get("reloader")
+        reloader = self.service.reloader
         if reloader is None:
             raise tornado.web.HTTPError(404, reason="this server has no config file to reload")
         try:
